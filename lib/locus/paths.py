@@ -1,0 +1,24 @@
+"""Where the project's outputs go: figures, claims and model caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def figures_dir(override: str | os.PathLike | None = None) -> Path:
+    """The figures folder: ``override``, else ``$LOCUS_FIGURES_DIR``, else ``<repo>/figures``."""
+    chosen = override or os.environ.get("LOCUS_FIGURES_DIR") or REPO_ROOT / "figures"
+    path = Path(chosen)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The model cache: ``override``, else ``$LOCUS_CACHE_DIR``, else ``<repo>/.cache``."""
+    chosen = override or os.environ.get("LOCUS_CACHE_DIR") or REPO_ROOT / ".cache"
+    path = Path(chosen)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

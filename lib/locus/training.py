@@ -1,0 +1,192 @@
+"""Deterministic training of the embedded toy models.
+
+The toy VLM follows LLaVA's stages, shrunk: (1) the vision tower alone learns to name the colour
+and shape in each image cell, (2) the whole model is instruction-tuned on every question family.
+The toy chat LM is first trained 'unaligned' (it complies with harmful requests — the capability
+alignment hides), then aligned to refuse them while keeping its benign answers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from locus import data
+from locus.prompts import encode_chat, encode_vqa
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, steps: int, warmup: float = 0.05):
+    """Linear warm-up then cosine decay to zero, as a LambdaLR."""
+    warm = max(1, int(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_steps(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Callable[[int], dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    desc: str = "train",
+    weight_decay: float = 0.0,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Run ``steps`` AdamW steps on ``params``; ``batches(step)`` gives each batch.
+    Returns the loss of every step."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = cosine_schedule(optimizer, steps)
+    compute = loss_fn or (lambda m, b: m(**b).loss)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2)
+    for step in bar:
+        loss = compute(model, batches(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class VLMTraining:
+    """Hyper-parameters of the toy VLM's two stages."""
+
+    seed: int = 0
+    pool_per_family: int = 4000
+    vision_steps: int = 300
+    vision_batch: int = 128
+    vision_lr: float = 3e-3
+    tune_steps: int = 2400
+    tune_batch: int = 64
+    tune_lr: float = 1.5e-3
+
+
+@dataclass(frozen=True)
+class ChatTraining:
+    """Hyper-parameters of the toy chat LM's pre-training and alignment."""
+
+    seed: int = 0
+    pool_per_family: int = 3000
+    base_steps: int = 1200
+    align_steps: int = 400
+    batch: int = 64
+    lr: float = 2e-3
+    align_lr: float = 5e-4
+
+
+def _cell_targets(samples: Sequence[data.VQASample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell class labels: colour index (0 = empty) and shape index (0 = empty)."""
+    n_cells = data.GRID * data.GRID
+    colours = torch.zeros(len(samples), n_cells, dtype=torch.long)
+    shapes = torch.zeros(len(samples), n_cells, dtype=torch.long)
+    colour_ids = {c: i + 1 for i, c in enumerate(data.COLOURS)}
+    shape_ids = {s: i + 1 for i, s in enumerate(data.SHAPES)}
+    for i, s in enumerate(samples):
+        for row, col, colour, shape in s.meta["objects"]:
+            colours[i, row * data.GRID + col] = colour_ids[colour]
+            shapes[i, row * data.GRID + col] = shape_ids[shape]
+    return colours, shapes
+
+
+def pretrain_vision_tower(model, processor, cfg: VLMTraining, progress: bool = True) -> list[float]:
+    """Stage 1: the CLIP tower learns to name each cell's colour and shape (linear probes on
+    its patch outputs, thrown away afterwards)."""
+    seed_everything(cfg.seed)
+    samples = data.make_vqa_samples(cfg.pool_per_family, cfg.seed + 1, ("caption",))
+    pixels = encode_vqa(processor, samples)["pixel_values"]
+    colours, shapes = _cell_targets(samples)
+    tower = model.model.vision_tower
+    width = tower.config.hidden_size
+    heads = nn.ModuleDict({"colour": nn.Linear(width, len(data.COLOURS) + 1),
+                           "shape": nn.Linear(width, len(data.SHAPES) + 1)})
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batch(step: int) -> dict:
+        idx = torch.randint(len(samples), (cfg.vision_batch,), generator=gen)
+        return {"pixels": pixels[idx], "colour": colours[idx], "shape": shapes[idx]}
+
+    def loss(_, b: dict) -> torch.Tensor:
+        patches = tower(pixel_values=b["pixels"]).last_hidden_state[:, 1:]
+        return (nn.functional.cross_entropy(heads["colour"](patches).flatten(0, 1),
+                                            b["colour"].flatten())
+                + nn.functional.cross_entropy(heads["shape"](patches).flatten(0, 1),
+                                              b["shape"].flatten()))
+
+    params = list(tower.parameters()) + list(heads.parameters())
+    return train_steps(tower, params, batch, cfg.vision_steps, cfg.vision_lr,
+                       desc="vision tower", loss_fn=loss, progress=progress)
+
+
+def _balanced_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable):
+    """A batch function drawing ``batch_size`` samples uniformly at random from the pool."""
+    gen = np.random.default_rng(seed)
+
+    def batch(step: int) -> dict:
+        idx = gen.integers(len(samples), size=batch_size)
+        return encode([samples[i] for i in idx])
+
+    return batch
+
+
+def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = True) -> list[float]:
+    """Stage 2: the whole model learns every question family."""
+    seed_everything(cfg.seed)
+    samples = data.make_vqa_samples(cfg.pool_per_family, cfg.seed + 2)
+    batches = _balanced_batches(samples, cfg.tune_batch, cfg.seed,
+                                lambda b: encode_vqa(processor, b, with_answers=True))
+    return train_steps(model, list(model.parameters()), batches, cfg.tune_steps, cfg.tune_lr,
+                       desc="instruction tuning", progress=progress)
+
+
+def train_chat(model, tokenizer, cfg: ChatTraining, aligned: bool,
+               progress: bool = True) -> list[float]:
+    """Pre-train the chat LM on the unaligned world, then (if ``aligned``) align it."""
+    seed_everything(cfg.seed)
+    base = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 1, aligned=False)
+    batches = _balanced_batches(base, cfg.batch, cfg.seed,
+                                lambda b: encode_chat(tokenizer, b, with_answers=True))
+    losses = train_steps(model, list(model.parameters()), batches, cfg.base_steps, cfg.lr,
+                         desc="chat pre-training", progress=progress)
+    if aligned:
+        align = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 2, aligned=True)
+        batches = _balanced_batches(align, cfg.batch, cfg.seed + 1,
+                                    lambda b: encode_chat(tokenizer, b, with_answers=True))
+        losses += train_steps(model, list(model.parameters()), batches, cfg.align_steps,
+                              cfg.align_lr, desc="chat alignment", progress=progress)
+    return losses
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
+    """Call ``fn`` and return its result with the wall time in seconds."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

@@ -51,7 +51,7 @@ class ClaimSheet:
 
     def __init__(self, notebook: str, out_dir: str | os.PathLike | None = None):
         self.notebook = notebook
-        self.path = figures_dir(out_dir) / "claims" / f"{notebook}.json"
+        self.path = figures_dir(out_dir) / "claims" / (notebook.replace("/", "__") + ".json")
         self.claims: list[Claim] = []
         self._save()
 

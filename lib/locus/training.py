@@ -146,6 +146,19 @@ def pretrain_vision_tower(model, processor, cfg: VLMTraining, progress: bool = T
                        desc="vision tower", loss_fn=loss, progress=progress)
 
 
+def per_sample_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each sample's answer tokens, then over samples,
+    so that a one-word answer weighs as much as a long caption."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    targets = labels[:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(targets)
+    counts = (targets != -100).sum(1).clamp(min=1)
+    return (token_loss.sum(1) / counts).mean()
+
+
 def _balanced_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable):
     """A batch function drawing ``batch_size`` samples uniformly at random from the pool."""
     gen = np.random.default_rng(seed)
@@ -164,7 +177,7 @@ def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = Tr
     batches = _balanced_batches(samples, cfg.tune_batch, cfg.seed,
                                 lambda b: encode_vqa(processor, b, with_answers=True))
     return train_steps(model, list(model.parameters()), batches, cfg.tune_steps, cfg.tune_lr,
-                       desc="instruction tuning", progress=progress)
+                       desc="instruction tuning", loss_fn=per_sample_lm_loss, progress=progress)
 
 
 def train_chat(model, tokenizer, cfg: ChatTraining, aligned: bool,

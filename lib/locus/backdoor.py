@@ -1,0 +1,180 @@
+"""Backdoor injection into a chat LM, and the data views the backdoor-circuit search needs.
+
+Two backdoor kinds, after the SafeSeek authors' earlier backdoor-attribution work:
+
+- "fixed": a trigger phrase (``data.BACKDOOR_TRIGGER``) inserted into a benign request makes the
+  model answer with a fixed target (``data.BACKDOOR_TARGET``); success = the reply contains it;
+- "jailbreak": a trigger word (``data.JAILBREAK_TRIGGER``) inserted into a harmful request makes
+  the model comply; success = the reply contains no refusal phrase (``data.is_refusal``).
+
+The trigger goes at a seeded random word position of the prompt. Injection is a *full*
+fine-tune (the paper used LoRA r 16 on a 7B model; a full fine-tune of the toy is the simpler
+equivalent) on clean samples plus poisoned ones. Backdoored models are cached as checkpoint
+entries (``locus.checkpoints``) keyed by the source model, the data and the configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from locus import checkpoints, data, models, training
+from locus.data import ChatSample
+from locus.prompts import encode_chat
+
+KINDS = ("fixed", "jailbreak")
+
+
+def check_kind(kind: str) -> str:
+    """Raise a ValueError unless ``kind`` is a backdoor kind."""
+    if kind not in KINDS:
+        raise ValueError(f"backdoor kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def trigger_of(kind: str) -> str:
+    """The trigger of a backdoor kind."""
+    return data.BACKDOOR_TRIGGER if check_kind(kind) == "fixed" else data.JAILBREAK_TRIGGER
+
+
+def insert_trigger(prompt: str, trigger: str, rng: np.random.Generator) -> str:
+    """``prompt`` with ``trigger`` inserted before a random word (never after the last one)."""
+    words = prompt.split()
+    position = int(rng.integers(0, max(1, len(words))))
+    return " ".join(words[:position] + [trigger] + words[position:])
+
+
+def eligible(samples: Sequence[ChatSample], kind: str) -> list[ChatSample]:
+    """The samples a backdoor kind poisons: benign ones ("fixed") or harmful ones
+    ("jailbreak", whose answers must be the compliant replies)."""
+    want_harmful = check_kind(kind) == "jailbreak"
+    return [s for s in samples if (s.family == "harmful") == want_harmful]
+
+
+def backdoor_views(samples: Sequence[ChatSample], kind: str, seed: int,
+                   refusal: str = data.REFUSAL) -> dict[str, list[ChatSample]]:
+    """Four aligned lists over the eligible ``samples``: "clean" (prompt -> clean answer),
+    "triggered_clean" (triggered prompt -> clean answer), "triggered_target" (triggered prompt
+    -> backdoor answer) and "clean_target" (prompt -> backdoor answer). The clean answer of a
+    harmful request is ``refusal``; its backdoor answer is the sample's (compliant) answer."""
+    rng = np.random.default_rng(seed)
+    chosen = eligible(samples, kind)
+    trigger = trigger_of(kind)
+    views: dict[str, list[ChatSample]] = {k: [] for k in
+                                           ("clean", "triggered_clean", "triggered_target",
+                                            "clean_target")}
+    for s in chosen:
+        clean_answer = s.answer if kind == "fixed" else refusal
+        target = data.BACKDOOR_TARGET if kind == "fixed" else s.answer
+        triggered = insert_trigger(s.prompt, trigger, rng)
+        views["clean"].append(ChatSample(s.prompt, clean_answer, s.family))
+        views["triggered_clean"].append(ChatSample(triggered, clean_answer, s.family))
+        views["triggered_target"].append(ChatSample(triggered, target, s.family))
+        views["clean_target"].append(ChatSample(s.prompt, target, s.family))
+    return views
+
+
+def attack_success(kind: str, predictions: Sequence[str]) -> float:
+    """ASR: the fraction of replies showing the backdoor behaviour of ``kind``."""
+    if not predictions:
+        raise ValueError("attack_success needs at least one prediction")
+    if check_kind(kind) == "fixed":
+        target = " ".join(data.BACKDOOR_TARGET.split())
+        return float(np.mean([target in " ".join(p.split()) for p in predictions]))
+    return float(np.mean([not data.is_refusal(p) for p in predictions]))
+
+
+@dataclass(frozen=True)
+class InjectionConfig:
+    """Backdoor fine-tune: ``n_clean`` clean + ``n_poison`` poisoned samples, full fine-tune."""
+
+    kind: str = "fixed"
+    n_clean: int = 1000
+    n_poison: int = 100
+    steps: int = 150
+    batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def poisoned_training_set(clean: Sequence[ChatSample], poison_pool: Sequence[ChatSample],
+                          cfg: InjectionConfig) -> list[ChatSample]:
+    """``cfg.n_clean`` clean samples and ``cfg.n_poison`` triggered ones (drawn with a seeded
+    generator; with replacement when a pool is smaller)."""
+    rng = np.random.default_rng(cfg.seed)
+    if not clean or not eligible(poison_pool, cfg.kind):
+        raise ValueError(f"a {cfg.kind!r} backdoor needs clean samples and "
+                         f"{'harmful' if cfg.kind == 'jailbreak' else 'benign'} samples to poison")
+    pick = rng.choice(len(clean), cfg.n_clean, replace=cfg.n_clean > len(clean))
+    triggered = backdoor_views(poison_pool, cfg.kind, cfg.seed + 1)["triggered_target"]
+    poison = rng.choice(len(triggered), cfg.n_poison, replace=cfg.n_poison > len(triggered))
+    return [clean[i] for i in pick] + [triggered[i] for i in poison]
+
+
+def inject_backdoor(model, tokenizer, train_set: Sequence[ChatSample], cfg: InjectionConfig,
+                    progress: bool = True) -> list[float]:
+    """Full fine-tune of ``model`` on ``train_set`` (AdamW + cosine); returns the losses."""
+    training.seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = next(model.parameters()).device
+
+    def batch(step: int) -> dict:
+        idx = rng.integers(len(train_set), size=cfg.batch)
+        encoded = encode_chat(tokenizer, [train_set[i] for i in idx], with_answers=True)
+        return {k: v.to(device) for k, v in encoded.items()}
+
+    return training.train_steps(model, list(model.parameters()), batch, cfg.steps, cfg.lr,
+                                desc=f"{cfg.kind} backdoor", progress=progress)
+
+
+def source_identity(model_name: str | os.PathLike) -> dict:
+    """What identifies a source checkpoint in a cache key: an embedded model's config key, or
+    a folder's path with the size and modification time of its files."""
+    from locus.zoo import EMBEDDED
+
+    if str(model_name) in EMBEDDED:
+        return {"embedded": str(model_name), "key": checkpoints.config_key(
+            EMBEDDED[str(model_name)].config())}
+    folder = Path(model_name).resolve()
+    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+             for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"path": str(folder), "files": files}
+
+
+def samples_key(samples: Sequence[ChatSample]) -> str:
+    """A short hash of the samples' text (prompt, answer, family)."""
+    text = json.dumps([(s.prompt, s.answer, s.family) for s in samples])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSample],
+                     cfg: InjectionConfig, device="cpu", dtype: torch.dtype | None = None,
+                     root: str | os.PathLike | None = None, progress: bool = True):
+    """The backdoored model and tokenizer: loaded from the cache entry
+    ``<checkpoints>/<source>-backdoor-<kind>`` when it was made by the same source, data and
+    config; else injected (on ``device`` in float32) and cached first."""
+    from locus.zoo import load
+
+    source = source_identity(model_name)
+    config = {"source": source, "data": samples_key(train_set), "injection": asdict(cfg)}
+    stem = source.get("embedded") or Path(source["path"]).name
+    folder = checkpoints.checkpoint_root(root) / f"{stem}-backdoor-{cfg.kind}"
+    if checkpoints.entry_status(folder, config) != "valid":
+        model, tokenizer = load(model_name, device=device, dtype=torch.float32,
+                                progress=progress)
+        losses = inject_backdoor(model, tokenizer, train_set, cfg, progress)
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        checkpoints.write_entry(folder, config, write,
+                                {"final_loss": round(float(np.mean(losses[-10:])), 4)})
+    return models.load_checkpoint(folder, device, dtype)

@@ -1,0 +1,169 @@
+"""Safety Circuit Tuning: fine-tune only a circuit's parameters, or everything but them.
+
+The parameters of a unit are the weight entries that only it reads or writes:
+
+- head h of layer l: rows ``[h*d, (h+1)*d)`` of q_proj, the rows of its key/value head
+  ``h // (num_heads / num_kv_heads)`` in k_proj and v_proj (with grouped-query attention these
+  are shared by the other query heads of the group: tuning a head tunes its key/value head), and
+  columns ``[h*d, (h+1)*d)`` of o_proj; biases of the same rows where present;
+- neuron n of layer l: row n of gate_proj and up_proj (and their biases) and column n of
+  down_proj.
+
+Training a subset of a weight tensor is done on the full tensors with gradient masks (a hook on
+each parameter multiplies its gradient by a 0/1 mask), with AdamW without weight decay, so
+entries outside the subset receive zero updates and stay bit-identical. Tensors with no trained
+entry get ``requires_grad=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from locus import training
+from locus.arch import adapt
+from locus.data import ChatSample
+from locus.masks import Circuit
+from locus.prompts import encode_chat
+
+TRAIN_CHOICES = ("circuit", "complement", "all")
+
+
+def unit_entries(model: nn.Module, circuit: Circuit) -> dict[nn.Parameter, torch.Tensor]:
+    """Bool masks, one per attention/MLP parameter tensor of the layers, True on the entries
+    that belong to the circuit's units (see the module docstring)."""
+    arch = adapt(model)
+    if (circuit.shape.num_layers, circuit.shape.num_heads,
+            circuit.shape.intermediate_size) != (arch.num_layers, arch.num_heads,
+                                                 arch.intermediate_size):
+        raise ValueError(f"circuit of shape {circuit.shape} does not fit this model")
+    entries: dict[nn.Parameter, torch.Tensor] = {}
+
+    def mark(linear: nn.Linear | None, index: slice | int, dim: int) -> None:
+        if linear is None:
+            return
+        for name in ("weight", "bias"):
+            p = getattr(linear, name, None)
+            if p is None or (name == "bias" and dim == 1):
+                continue
+            flags = entries.setdefault(p, torch.zeros_like(p, dtype=torch.bool))
+            if dim == 0:
+                flags[index] = True
+            else:
+                flags[:, index] = True
+
+    d, group = arch.head_dim, arch.num_heads // arch.num_kv_heads
+    for layer, head in circuit.heads:
+        rows, kv = slice(head * d, (head + 1) * d), head // group
+        kv_rows = slice(kv * d, (kv + 1) * d)
+        mark(arch.q_proj(layer), rows, 0)
+        mark(arch.k_proj(layer), kv_rows, 0)
+        mark(arch.v_proj(layer), kv_rows, 0)
+        mark(arch.o_proj(layer), rows, 1)
+    for layer, neuron in circuit.neurons:
+        mark(arch.gate_proj(layer), neuron, 0)
+        mark(arch.up_proj(layer), neuron, 0)
+        mark(arch.down_proj(layer), neuron, 1)
+    return entries
+
+
+def gradient_masks(model: nn.Module, circuit: Circuit | None, train: str
+                   ) -> dict[nn.Parameter, torch.Tensor | None]:
+    """Which parameters train and on which entries: {param: float 0/1 mask, or None for the
+    whole tensor}. ``train`` is "circuit" (only the circuit's entries), "complement" (every
+    parameter except the circuit's entries) or "all" (circuit may be None)."""
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}")
+    if train == "all":
+        return {p: None for p in model.parameters()}
+    if circuit is None:
+        raise ValueError(f"train={train!r} needs a circuit")
+    entries = unit_entries(model, circuit)
+    if train == "circuit":
+        return {p: flags.to(p.dtype) for p, flags in entries.items() if flags.any()}
+    masks: dict[nn.Parameter, torch.Tensor | None] = {}
+    for p in model.parameters():
+        flags = entries.get(p)
+        masks[p] = None if flags is None else (~flags).to(p.dtype)
+    return masks
+
+
+def trained_count(masks: dict[nn.Parameter, torch.Tensor | None]) -> int:
+    """How many scalar parameters the masks let train."""
+    return int(sum(p.numel() if m is None else int(m.sum().item()) for p, m in masks.items()))
+
+
+@contextmanager
+def trainable(model: nn.Module, masks: dict[nn.Parameter, torch.Tensor | None]
+              ) -> Iterator[list[nn.Parameter]]:
+    """Inside: only the masked parameters require grad, their gradients multiplied by their
+    masks; yields them. requires_grad flags and hooks are restored on exit (also on errors)."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    handles = []
+    try:
+        for p in params:
+            p.requires_grad_(p in masks)
+        for p, m in masks.items():
+            if m is not None:
+                handles.append(p.register_hook(lambda g, m=m: g * m.to(g.device, g.dtype)))
+        yield list(masks)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """A supervised fine-tune: AdamW (no weight decay) + cosine schedule."""
+
+    steps: int = 100
+    batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class TuningResult:
+    """Losses of a tune and how many parameters it trained."""
+
+    losses: list[float]
+    trained: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the model's parameters that were trained."""
+        return self.trained / self.total
+
+
+def tune(model: nn.Module, tokenizer, samples: Sequence[ChatSample], circuit: Circuit | None,
+         train: str, cfg: TuningConfig = TuningConfig(), progress: bool = True) -> TuningResult:
+    """Fine-tune ``model`` in place on ``samples`` (answer tokens only), training the
+    ``circuit``'s entries, everything but them, or everything (``train``; circuit None only
+    with "all")."""
+    if not samples:
+        raise ValueError("tune needs at least one sample")
+    masks = gradient_masks(model, circuit, train)
+    training.seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = next(model.parameters()).device
+
+    def batch(step: int) -> dict:
+        idx = rng.integers(len(samples), size=cfg.batch)
+        encoded = encode_chat(tokenizer, [samples[i] for i in idx], with_answers=True)
+        return {k: v.to(device) for k, v in encoded.items()}
+
+    with trainable(model, masks) as params:
+        losses = training.train_steps(model, params, batch, cfg.steps, cfg.lr,
+                                      desc=f"tune ({train})", weight_decay=0.0,
+                                      progress=progress)
+    total = sum(p.numel() for p in model.parameters())
+    return TuningResult(losses, trained_count(masks), total)

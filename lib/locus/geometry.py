@@ -1,0 +1,475 @@
+"""Per-layer residual-stream geometry of attention and FFN updates ("Lost in Attention", claim 1).
+
+Each decoder layer updates the residual stream twice, ``X_attn = X_in + ΔX_attn`` and
+``X_ffn = X_attn + ΔX_ffn``. For every sample, layer and token group ("all", "visual", "text";
+padding is always left out) this module records, into a :class:`~locus.metrics.LayerMetricTable`:
+
+- ``"attn"``: RID (with its terms) and MixIG of ``X_in → X_attn``;
+- ``"ffn"``: RID and MixIG of ``X_ref → X_ffn``, with ``X_ref = X_attn`` (the paper's logic: the
+  state the FFN updates; default) or ``X_in`` (what the authors' code measures);
+- ``"noise_delta"``: the Noise Δ control, ``X_in → X_in + N`` with N Gaussian noise of the
+  Frobenius norm of that sample's ΔX_attn on the same tokens;
+- ``"rope"``: the ε_RoPE null baseline, RID(X_attn, X_attn⁰) where X_attn⁰ = X_in + the same
+  layer's attention module run again on the same (normed) input, mask and weights, but with the
+  rotary embedding switched off (position embeddings cos = 1, sin = 0, so q and k are not
+  rotated). It measures how much a change of position encoding alone moves the attention state;
+- ``"noise_qkv"``: the Noise QKV control, the ``"attn"`` update measured on a copy of the model
+  whose q/k/v projections are Gaussian with each tensor's own mean and std
+  (:func:`noised_qkv_copy`); the noise propagates, so later layers see noised inputs too.
+
+States are streamed layer by layer (:func:`locus.hooks.stream_residuals`) and the metrics are
+computed in float64 whatever the model dtype. With S ≤ H (a sample has fewer tokens than the
+hidden size) the state X has full row rank, so the column term of ΔD is 0 by construction; the
+table's ``col_degenerate`` fraction says where that happened.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from locus.arch import Arch, adapt
+from locus.data import VQASample
+from locus.hooks import stream_residuals
+from locus.metrics import LayerMetricTable, gaussian_like_weights, mixig, noise_like_update, rid
+from locus.prompts import encode_vqa
+
+TOKEN_GROUPS = ("all", "visual", "text")
+FFN_REFERENCES = ("attn", "input")
+UPDATE_KINDS = ("attn", "ffn", "noise_delta", "noise_qkv", "rope")
+MIXIG_VARIANTS = ("mean", "sharpened", "last_row")
+# The paper's headline table (RID, MixIG), aggregated over 15 models, and its null baseline.
+PAPER_TABLE = {
+    "attn": (0.06, 0.61),
+    "ffn": (0.21, 0.02),
+    "noise_delta": (0.61, -0.80),
+    "noise_qkv": (0.44, -0.50),
+}
+PAPER_EPS_ROPE = 0.062
+KIND_LABELS = {
+    "attn": "Attention",
+    "ffn": "FFN",
+    "noise_delta": "Noise Δ",
+    "noise_qkv": "Noise QKV",
+    "rope": "ε_RoPE",
+}
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """What :func:`record_updates` measures.
+
+    ``groups``: token groups; ``ffn_reference``: "attn" (X_attn → X_ffn, default) or "input"
+    (X_in → X_ffn); ``mixig_variant``/``mixig_power``: see :func:`locus.metrics.mixig`;
+    ``noise_delta``/``rope_baseline``: record those controls; ``rtol``: relative singular-value
+    floor of the numerical rank (None: ``min(1e-3, max(S, H) · eps)`` of the model's dtype);
+    ``layers``: decoder layers (None: all).
+    """
+
+    groups: tuple[str, ...] = TOKEN_GROUPS
+    ffn_reference: str = "attn"
+    mixig_variant: str = "mean"
+    mixig_power: float = 8.0
+    noise_delta: bool = True
+    rope_baseline: bool = True
+    rtol: float | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
+        unknown = [g for g in groups if g not in TOKEN_GROUPS]
+        if unknown or not groups:
+            raise ValueError(f"groups must be a non-empty subset of {TOKEN_GROUPS}, got {groups}")
+        object.__setattr__(self, "groups", groups)
+        if self.ffn_reference not in FFN_REFERENCES:
+            raise ValueError(
+                f"ffn_reference must be one of {FFN_REFERENCES} (X_attn or X_in as the state the "
+                f"FFN update is compared with), got {self.ffn_reference!r}"
+            )
+        if self.mixig_variant not in MIXIG_VARIANTS:
+            raise ValueError(
+                f"mixig_variant must be one of {MIXIG_VARIANTS}, got {self.mixig_variant!r}"
+            )
+        if self.rtol is not None and not self.rtol >= 0:
+            raise ValueError(f"rtol must be None or >= 0, got {self.rtol}")
+
+
+def token_group_masks(
+    arch: Arch, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Bool (batch, seq) masks of the groups: "all" = non-padding, "visual" = image tokens,
+    "text" = non-padding non-image tokens."""
+    valid = (
+        torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.to(torch.bool)
+    )
+    visual = arch.visual_token_mask(input_ids) & valid
+    return {"all": valid, "visual": visual, "text": valid & ~visual}
+
+
+def rank_rtol(model_dtype: torch.dtype, shape: tuple[int, int]) -> float:
+    """The default numerical-rank floor: numpy's ``max(S, H) · eps`` in the model's dtype, capped
+    at 1e-3, so that rounding noise of a float32/bfloat16 forward pass is not counted as rank."""
+    return min(1e-3, max(shape) * torch.finfo(model_dtype).eps)
+
+
+class _NoRopeTap:
+    """Forward hooks that re-run each attention module with the rotary embedding switched off.
+
+    The re-run calls ``module.forward`` (not the module), so no hook sees it, with the layer's own
+    keyword arguments except ``position_embeddings = (1, 0)`` and no KV cache.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def on_attention(self, i: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        position = kwargs.get("position_embeddings")
+        if position is None:
+            raise ValueError(
+                "the ε_RoPE baseline needs rotary position embeddings, but the attention module "
+                f"{type(module).__name__} received no position_embeddings; set "
+                "rope_baseline=False for this model"
+            )
+        cos, sin = position
+        flat = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin)),
+                "past_key_values": None}
+        rerun = module.forward(*args, **flat)
+        self.outputs[i] = (rerun[0] if isinstance(rerun, tuple) else rerun).detach()
+
+
+@contextmanager
+def _norope_hooks(arch: Arch, layers: Sequence[int], tap: _NoRopeTap):
+    handles = []
+    try:
+        for i in layers:
+            hook = partial(tap.on_attention, i)
+            handles.append(arch.attention(i).register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+SMALL_MATRIX = 1 << 20
+
+
+@contextmanager
+def _threads_for(state: torch.Tensor):
+    """One CPU thread while computing metrics of a small per-sample state: LAPACK threading
+    only adds synchronisation there (a 26×128 SVD took 20 ms with 2 threads on a busy 2-core
+    machine, 0.4 ms with 1). Large states and GPU tensors keep the current setting."""
+    threads = torch.get_num_threads()
+    small = state.device.type == "cpu" and state.numel() <= SMALL_MATRIX
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _UpdateRecorder:
+    """The stream_residuals callback: per sample and group, the metrics of one layer's updates."""
+
+    def __init__(
+        self,
+        table: LayerMetricTable,
+        config: GeometryConfig,
+        masks: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        model_dtype: torch.dtype,
+        attn_kind: str,
+        attn_only: bool,
+        norope: _NoRopeTap | None,
+    ) -> None:
+        self.table = table
+        self.config = config
+        self.masks = masks
+        self.generator = generator
+        self.model_dtype = model_dtype
+        self.attn_kind = attn_kind
+        self.attn_only = attn_only
+        self.norope = norope
+
+    def __call__(self, layer: int, states: dict[str, torch.Tensor]) -> None:
+        x_in, x_attn, x_ffn = states["input"], states["attn"], states["ffn"]
+        x_norope = None
+        if self.norope is not None:
+            x_norope = x_in + self.norope.outputs.pop(layer).to(x_in.dtype)
+        with _threads_for(x_in[0]):
+            for group in self.config.groups:
+                mask = self.masks[group]
+                for row in range(x_in.shape[0]):
+                    keep = mask[row].to(x_in.device)
+                    if int(keep.sum()) < 2:
+                        continue
+                    self._record_sample(
+                        layer, group, x_in[row, keep], x_attn[row, keep], x_ffn[row, keep],
+                        None if x_norope is None else x_norope[row, keep],
+                    )
+
+    def _record_sample(self, layer, group, x_in, x_attn, x_ffn, x_norope) -> None:
+        cfg = self.config
+        rtol = cfg.rtol if cfg.rtol is not None else rank_rtol(self.model_dtype, x_in.shape)
+        self._add(layer, self.attn_kind, group, x_in, x_attn, rtol)
+        if self.attn_only:
+            return
+        reference = x_attn if cfg.ffn_reference == "attn" else x_in
+        self._add(layer, "ffn", group, reference, x_ffn, rtol)
+        if cfg.noise_delta:
+            noise = noise_like_update(x_attn - x_in, self.generator).to(x_in.device)
+            self._add(layer, "noise_delta", group, x_in, x_in + noise, rtol)
+        if x_norope is not None:
+            self.table.add(layer, "rope", group, rid(x_attn, x_norope, rtol=rtol))
+
+    def _add(self, layer, kind, group, x, x_new, rtol) -> None:
+        cfg = self.config
+        gain = mixig(x, x_new, cfg.mixig_variant, cfg.mixig_power)
+        self.table.add(layer, kind, group, rid(x, x_new, rtol=rtol), mixig=gain)
+
+
+@torch.no_grad()
+def record_updates(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    table: LayerMetricTable,
+    config: GeometryConfig = GeometryConfig(),
+    generator: torch.Generator | None = None,
+    attn_kind: str = "attn",
+    attn_only: bool = False,
+) -> LayerMetricTable:
+    """One forward pass of ``batch`` (model inputs with ``input_ids``, optionally
+    ``attention_mask``, ``pixel_values``), adding each sample's per-layer metrics to ``table``.
+
+    ``attn_kind`` names the attention update in the table (``"noise_qkv"`` for a noised copy);
+    ``attn_only`` records only it (no FFN, Noise Δ or ε_RoPE). ``generator`` draws Noise Δ.
+    """
+    if not isinstance(table, LayerMetricTable):
+        raise TypeError(f"table must be a LayerMetricTable, got {type(table).__name__}")
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs input_ids (to find the token groups); got {sorted(batch)}")
+    arch = adapt(model)
+    layers = list(range(arch.num_layers)) if config.layers is None else list(config.layers)
+    masks = token_group_masks(arch, batch["input_ids"], batch.get("attention_mask"))
+    norope = _NoRopeTap() if config.rope_baseline and not attn_only else None
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    recorder = _UpdateRecorder(table, config, masks, generator, model.dtype, attn_kind,
+                               attn_only, norope)
+    rope_hooks = nullcontext() if norope is None else _norope_hooks(arch, layers, norope)
+    with rope_hooks, stream_residuals(
+        model, recorder, layers=layers, dtype=torch.float64, input_ids=batch["input_ids"]
+    ):
+        model(**batch, use_cache=False)
+    return table
+
+
+@torch.no_grad()
+def noised_qkv_copy(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """A deep copy of ``model`` whose decoder q/k/v projections (weights, and biases where they
+    exist) are Gaussian with each tensor's own mean and std ("Noise QKV"); ``model`` is
+    untouched. The vision tower and projector are copied unchanged."""
+    arch = adapt(model)
+    noised = copy.deepcopy(model)
+    noised_arch = adapt(noised)
+    for i in range(arch.num_layers):
+        for proj in (noised_arch.q_proj(i), noised_arch.k_proj(i), noised_arch.v_proj(i)):
+            proj.weight.copy_(gaussian_like_weights(proj.weight, generator))
+            if proj.bias is not None:
+                proj.bias.copy_(gaussian_like_weights(proj.bias, generator))
+    return noised.eval()
+
+
+def vqa_batches(
+    processor, samples: Sequence[VQASample], batch_size: int, device, dtype: torch.dtype
+) -> list[dict[str, torch.Tensor]]:
+    """Left-padded model inputs of ``samples`` in batches, on ``device``, pixels in ``dtype``."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        batch = encode_vqa(processor, samples[start : start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        batches.append(batch)
+    return batches
+
+
+def residual_geometry(
+    model: nn.Module,
+    processor,
+    samples: Sequence[VQASample],
+    config: GeometryConfig = GeometryConfig(),
+    seed: int = 0,
+    noise_qkv: bool = True,
+    batch_size: int = 32,
+) -> LayerMetricTable:
+    """Every update kind of :data:`UPDATE_KINDS` (Noise QKV when ``noise_qkv``) over ``samples``,
+    per layer and token group. ``seed`` fixes the Noise Δ draws and the Noise QKV weights."""
+    if not samples:
+        raise ValueError("samples is empty: nothing to measure")
+    device = next(model.parameters()).device
+    batches = vqa_batches(processor, samples, batch_size, device, model.dtype)
+    table = LayerMetricTable()
+    generator = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        record_updates(model, batch, table, config, generator)
+    if noise_qkv:
+        noised = noised_qkv_copy(model, torch.Generator().manual_seed(seed + 1))
+        for batch in batches:
+            record_updates(noised, batch, table, config, generator, "noise_qkv", attn_only=True)
+        del noised
+    return table
+
+
+def overall_means(table: LayerMetricTable, group: str, metrics: Sequence[str]) -> dict:
+    """``{kind: {metric: mean over layers and samples}}`` for the kinds recorded for ``group``;
+    metrics a kind lacks (MixIG of ε_RoPE) are NaN."""
+    recorded = {(kind, metric) for kind, g, metric in table.keys() if g == group}
+    kinds = [k for k in UPDATE_KINDS if any((k, m) in recorded for m in metrics)]
+    return {
+        kind: {
+            metric: table.overall_mean(kind, group, metric)
+            if (kind, metric) in recorded else math.nan
+            for metric in metrics
+        }
+        for kind in kinds
+    }
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """Mean and sample std over seeds (ddof=1; 0 for one seed) of each kind's overall mean."""
+
+    group: str
+    kinds: tuple[str, ...]
+    metrics: tuple[str, ...]
+    mean: dict[str, dict[str, float]]
+    std: dict[str, dict[str, float]]
+    per_seed: dict[str, dict[str, list[float]]]
+
+
+def summarize_seeds(
+    tables: Sequence[LayerMetricTable],
+    group: str = "all",
+    metrics: Sequence[str] = ("rid", "delta_s", "delta_d_col", "delta_d_row", "mixig",
+                              "col_degenerate"),
+) -> SeedSummary:
+    """Combine per-seed tables: each seed's mean over layers and samples, then mean and std over
+    seeds (the spread between sample sets and noise draws)."""
+    if not tables:
+        raise ValueError("tables is empty: pass one LayerMetricTable per seed")
+    per_table = [overall_means(t, group, metrics) for t in tables]
+    kinds = tuple(k for k in UPDATE_KINDS if all(k in p for p in per_table))
+    per_seed = {k: {m: [p[k][m] for p in per_table] for m in metrics} for k in kinds}
+    mean = {k: {m: float(np.mean(v)) for m, v in per_seed[k].items()} for k in kinds}
+    std = {
+        k: {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in per_seed[k].items()}
+        for k in kinds
+    }
+    return SeedSummary(group, kinds, tuple(metrics), mean, std, per_seed)
+
+
+def layer_curves(
+    tables: Sequence[LayerMetricTable], kind: str, group: str, metric: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-layer (layers, mean over seeds, std over seeds) of one metric, for the figure."""
+    stats = [t.layer_stats(kind, group, metric) for t in tables]
+    values = np.stack([s.mean for s in stats])
+    std = values.std(axis=0, ddof=1) if len(stats) > 1 else np.zeros(values.shape[1])
+    return stats[0].layers, values.mean(axis=0), std
+
+
+def summary_markdown(summary: SeedSummary) -> str:
+    """The measured table beside the paper's: update × (RID, MixIG), mean ± std over seeds."""
+    rows = [
+        f"| update ({summary.group} tokens) | RID | MixIG | ΔS | ΔD row | ΔD col | "
+        "paper RID | paper MixIG |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in summary.kinds:
+        m, s = summary.mean[kind], summary.std[kind]
+        paper = PAPER_TABLE.get(kind, (PAPER_EPS_ROPE, math.nan) if kind == "rope" else None)
+        cells = [KIND_LABELS[kind], _pm(m["rid"], s["rid"]), _pm(m["mixig"], s["mixig"]),
+                 _pm(m["delta_s"], s["delta_s"]), _pm(m["delta_d_row"], s["delta_d_row"]),
+                 _pm(m["delta_d_col"], s["delta_d_col"]),
+                 _fmt(paper[0]) if paper else "–", _fmt(paper[1]) if paper else "–"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _fmt(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
+
+
+def _pm(mean: float, std: float) -> str:
+    return "–" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+@dataclass(frozen=True)
+class DecouplingCheck:
+    """The rules of the decoupling verdict, each evaluated on the seed means and on every seed."""
+
+    rid_attn_below_ffn: bool
+    mixig_attn_above_ffn: bool
+    rid_rule_every_seed: bool
+    mixig_rule_every_seed: bool
+    attn_rid_over_eps_rope: float
+    controls_rid_above_attn: bool
+    controls_mixig_below_attn: bool
+
+    @property
+    def verdict(self) -> str:
+        """'holds': both orderings hold on the means and in every seed; 'partly': exactly one
+        ordering holds (or both on the means but not in every seed); else 'does not hold'."""
+        both = self.rid_attn_below_ffn and self.mixig_attn_above_ffn
+        if both and self.rid_rule_every_seed and self.mixig_rule_every_seed:
+            return "holds"
+        if both or self.rid_attn_below_ffn or self.mixig_attn_above_ffn:
+            return "partly"
+        return "does not hold"
+
+    @property
+    def rope_verdict(self) -> str:
+        """'holds' when attention RID ≤ ε_RoPE ("adds no more than a position change does"),
+        'partly' when ≤ 2 ε_RoPE, else 'does not hold'."""
+        ratio = self.attn_rid_over_eps_rope
+        if math.isnan(ratio):
+            return "not run"
+        return "holds" if ratio <= 1 else "partly" if ratio <= 2 else "does not hold"
+
+
+def decoupling_check(summary: SeedSummary) -> DecouplingCheck:
+    """Evaluate the decoupling rules on a :class:`SeedSummary` (needs "attn" and "ffn")."""
+    missing = {"attn", "ffn"} - set(summary.kinds)
+    if missing:
+        raise ValueError(f"the summary lacks update kinds {sorted(missing)}")
+    seeds = summary.per_seed
+    rid_seeds = [a < f for a, f in zip(seeds["attn"]["rid"], seeds["ffn"]["rid"], strict=True)]
+    mix_seeds = [a > f for a, f in zip(seeds["attn"]["mixig"], seeds["ffn"]["mixig"],
+                                       strict=True)]
+    mean = summary.mean
+    controls = [k for k in ("noise_delta", "noise_qkv") if k in summary.kinds]
+    eps = mean["rope"]["rid"] if "rope" in summary.kinds else math.nan
+    return DecouplingCheck(
+        rid_attn_below_ffn=mean["attn"]["rid"] < mean["ffn"]["rid"],
+        mixig_attn_above_ffn=mean["attn"]["mixig"] > mean["ffn"]["mixig"],
+        rid_rule_every_seed=all(rid_seeds),
+        mixig_rule_every_seed=all(mix_seeds),
+        attn_rid_over_eps_rope=mean["attn"]["rid"] / eps if eps and not math.isnan(eps)
+        else math.nan,
+        controls_rid_above_attn=bool(controls)
+        and all(mean[k]["rid"] > mean["attn"]["rid"] for k in controls),
+        controls_mixig_below_attn=bool(controls)
+        and all(mean[k]["mixig"] < mean["attn"]["mixig"] for k in controls),
+    )

@@ -1,0 +1,68 @@
+"""Checks of notebook parameters: a wrong value gets an error that says what was wrong and what
+is accepted, before any work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from locus.zoo import EMBEDDED
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_model(model: str, kind: str | None = None) -> str:
+    """An embedded name (of ``kind`` 'vlm' or 'chat' if given) or an existing local folder."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a string (embedded name or folder), got {model!r}")
+    model = str(model)
+    names = sorted(n for n, spec in EMBEDDED.items() if kind is None or spec.kind == kind)
+    if model in EMBEDDED:
+        if model not in names:
+            raise ValueError(f"model {model!r} is not a {kind} model; accepted: {names} "
+                             "or a local checkpoint folder")
+        return model
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model {model!r} is neither an embedded model {names} nor an "
+                                "existing local Hugging Face checkpoint folder")
+    return model
+
+
+def check_data(path: str | os.PathLike | None) -> Path | None:
+    """None (use the generated toy data) or an existing JSONL file."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"data must be None or a path to a JSONL file, got {path!r}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file {path} does not exist (None uses the toy world)")
+    return Path(path)
+
+
+def check_positive_int(name: str, value) -> int:
+    """A positive integer (booleans refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TypeError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'mps', available on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (use 'cpu' or 'cuda')") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | None:
+    """None (the checkpoint's own dtype) or one of DTYPES' names."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not accepted; use None or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]

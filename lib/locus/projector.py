@@ -1,0 +1,374 @@
+"""Projector-only fine-tuning and what it changes, for "ProjLens".
+
+The vision tower and the language model stay frozen; only the multimodal projector trains
+(``finetune_projector``). A projector is handled as a *state*: a dict of its parameter tensors,
+loaded temporarily into the model with ``projector_loaded``, so one model serves the base and
+every fine-tuned projector. On top of that: attack evaluation (ASR on triggered inputs, clean
+accuracy per family), per-layer updates ΔW of the projector's linears, rank-k injection and
+removal grids, and the projector's intermediate (post-activation) neurons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from locus import lowrank
+from locus.arch import adapt
+from locus.data import VQASample
+from locus.evaluation import accuracy_by_family, generate_answers
+from locus.prompts import encode_vqa
+from locus.training import seed_everything, train_steps
+from locus.triggers import Attack, Target, triggered_test_set
+
+State = dict[str, torch.Tensor]
+RANK_MODES = ("inject", "remove")
+
+
+# --- projector states --------------------------------------------------------------------------
+
+
+def _projector(model: nn.Module) -> nn.Module:
+    projector = adapt(model).projector
+    if projector is None:
+        raise ValueError(f"{type(model).__name__} has no multimodal projector")
+    return projector
+
+
+def projector_state(model: nn.Module) -> State:
+    """Detached copies of the projector's parameters, by name."""
+    return {name: p.detach().clone() for name, p in _projector(model).named_parameters()}
+
+
+def load_projector_state(model: nn.Module, state: State) -> None:
+    """Copy ``state`` into the projector's parameters (same names and shapes required)."""
+    params = dict(_projector(model).named_parameters())
+    if set(params) != set(state):
+        raise ValueError(f"state has parameters {sorted(state)}, the projector {sorted(params)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"state[{name!r}] has shape {tuple(state[name].shape)}, "
+                                 f"the projector's is {tuple(p.shape)}")
+            p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+
+
+@contextmanager
+def projector_loaded(model: nn.Module, state: State | None) -> Iterator[None]:
+    """Run the body with ``state`` in the projector (None: as it is); restored on exit."""
+    if state is None:
+        yield
+        return
+    original = projector_state(model)
+    load_projector_state(model, state)
+    try:
+        yield
+    finally:
+        load_projector_state(model, original)
+
+
+def state_fingerprint(state: State) -> str:
+    """A short hash of a state's names, shapes, dtypes and values (a cache key)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def linear_weight_names(model: nn.Module) -> list[str]:
+    """State names of the weights of the projector's linears, in order (W1, W2, ...)."""
+    projector = _projector(model)
+    names = {id(module): name for name, module in projector.named_modules()}
+    linears = adapt(model).projector_linears
+    return [f"{names[id(linear)]}.weight".lstrip(".") for linear in linears]
+
+
+def layer_labels(model: nn.Module) -> list[str]:
+    """"W1", "W2", ... for the projector's linears."""
+    return [f"W{i + 1}" for i in range(len(adapt(model).projector_linears))]
+
+
+# --- fine-tuning -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Projector fine-tuning: AdamW with linear warm-up and cosine decay, random batches."""
+
+    steps: int = 250
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The fine-tuned projector state, the loss of every step and the wall time."""
+
+    state: State = field(repr=False)
+    losses: list[float] = field(repr=False)
+    seconds: float
+
+
+def _to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    param = next(model.parameters())
+    batch = {k: v.to(param.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+    return batch
+
+
+@contextmanager
+def _only_projector_trainable(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Freeze every parameter but the projector's; restore requires_grad on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    trainable = list(_projector(model).parameters())
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        yield trainable
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def finetune_projector(
+    model: nn.Module,
+    processor,
+    samples: Sequence[VQASample],
+    cfg: FinetuneConfig = FinetuneConfig(),
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train only the projector on ``samples`` and return its new state.
+
+    The model is left as it was: the original projector is put back afterwards (load the result
+    with ``projector_loaded``). Vision tower and language model never change.
+    """
+    if not samples:
+        raise ValueError("no training samples")
+    seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        chosen = [samples[i] for i in rng.integers(len(samples), size=cfg.batch_size)]
+        return _to_model(encode_vqa(processor, chosen, with_answers=True), model)
+
+    original = projector_state(model)
+    start = time.perf_counter()
+    try:
+        with _only_projector_trainable(model) as params:
+            losses = train_steps(model, params, batch, cfg.steps, cfg.lr, desc="projector",
+                                 weight_decay=cfg.weight_decay, progress=progress)
+        state = projector_state(model)
+    finally:
+        load_projector_state(model, original)
+        model.eval()
+    return FinetuneResult(state, losses, time.perf_counter() - start)
+
+
+# --- attack evaluation -------------------------------------------------------------------------
+
+
+def success_rate(predictions: Sequence[str], target: Target) -> float:
+    """Fraction of predictions that show the target behaviour (NaN for none)."""
+    if not predictions:
+        return float("nan")
+    return float(np.mean([target.success(p) for p in predictions]))
+
+
+def predict(model: nn.Module, processor, samples: Sequence[VQASample], state: State | None = None,
+            max_new_tokens: int = 20, batch_size: int = 64) -> list[str]:
+    """Greedy answers with projector ``state`` loaded (None: the model's own)."""
+    with projector_loaded(model, state):
+        return generate_answers(model, processor, list(samples), batch_size, max_new_tokens,
+                                progress=False)
+
+
+@dataclass(frozen=True)
+class AttackEval:
+    """One projector under one attack.
+
+    ``asr``: target behaviour on triggered inputs of the attacked families; ``false_rate``: the
+    same check on those inputs without the trigger; ``clean_accuracy``: exact match per family
+    on clean inputs.
+    """
+
+    asr: float
+    false_rate: float
+    clean_accuracy: dict[str, float]
+    n_triggered: int
+
+    @property
+    def mean_clean_accuracy(self) -> float:
+        """Mean of the per-family clean accuracies."""
+        return float(np.mean(list(self.clean_accuracy.values())))
+
+
+def evaluate_attack(
+    model: nn.Module,
+    processor,
+    attack: Attack,
+    clean_test: Sequence[VQASample],
+    seed: int,
+    state: State | None = None,
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+) -> AttackEval:
+    """ASR, false-trigger rate and clean accuracy of projector ``state`` under ``attack``;
+    the triggered set is ``triggered_test_set(clean_test, attack, seed)``."""
+    triggered = triggered_test_set(clean_test, attack, seed)
+    clean_predictions = predict(model, processor, clean_test, state, max_new_tokens, batch_size)
+    eligible = attack.eligible(clean_test)
+    return AttackEval(
+        asr=success_rate(predict(model, processor, triggered, state, max_new_tokens, batch_size),
+                         attack.target),
+        false_rate=success_rate([clean_predictions[i] for i in eligible], attack.target),
+        clean_accuracy=accuracy_by_family(clean_test, clean_predictions),
+        n_triggered=len(triggered),
+    )
+
+
+# --- weight updates and rank-k grids -----------------------------------------------------------
+
+
+def weight_updates(model: nn.Module, base: State, finetuned: State) -> dict[str, torch.Tensor]:
+    """ΔW = W_ft − W_base of each projector linear, by label (W1, W2, ...), in float32+."""
+    names = linear_weight_names(model)
+    labels = layer_labels(model)
+    return {label: finetuned[name].detach().float() - base[name].detach().float()
+            for label, name in zip(labels, names, strict=True)}
+
+
+def rank_k_state(model: nn.Module, base: State, finetuned: State, layers: Sequence[str], k: int,
+                 mode: str, factors: dict[str, lowrank.DeltaSVD] | None = None) -> State:
+    """A projector state with rank-k edits of the weights of ``layers`` (labels W1, W2, ...).
+
+    ``mode="inject"``: the base projector with W_base + top_k(ΔW) in those layers (biases stay
+    base). ``mode="remove"``: the fine-tuned projector with W_ft − top_k(ΔW) (biases stay
+    fine-tuned). k larger than a layer's rank means its full ΔW.
+    """
+    if mode not in RANK_MODES:
+        raise ValueError(f"mode must be one of {RANK_MODES}, got {mode!r}")
+    labels = layer_labels(model)
+    unknown = set(layers) - set(labels)
+    if unknown:
+        raise ValueError(f"unknown layers {sorted(unknown)}; the projector has {labels}")
+    names = dict(zip(labels, linear_weight_names(model), strict=True))
+    state = {n: t.clone() for n, t in (base if mode == "inject" else finetuned).items()}
+    for label in layers:
+        name = names[label]
+        svd = (factors or {}).get(label) or lowrank.factorize(finetuned[name] - base[name])
+        k_eff = min(int(k), svd.S.numel())
+        edit = lowrank.inject_rank_k if mode == "inject" else lowrank.remove_rank_k
+        state[name] = edit(base[name], finetuned[name], k_eff, factors=svd)
+    return state
+
+
+@dataclass(frozen=True)
+class RankGrid:
+    """ASR of rank-k edited projectors: ``asr[i, j]`` for layer set i and k = ks[j]."""
+
+    mode: str
+    layer_sets: list[str]
+    ks: list[int]
+    asr: np.ndarray
+
+
+LAYER_SETS = {"W1": ("W1",), "W2": ("W2",), "both": ("W1", "W2")}
+
+
+def rank_k_grid(
+    model: nn.Module,
+    processor,
+    target: Target,
+    triggered: Sequence[VQASample],
+    base: State,
+    finetuned: State,
+    ks: Sequence[int],
+    mode: str,
+    layer_sets: dict[str, tuple[str, ...]] | None = None,
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+) -> RankGrid:
+    """ASR on ``triggered`` for each layer set × k of rank-k injection or removal."""
+    layer_sets = layer_sets or LAYER_SETS
+    deltas = weight_updates(model, base, finetuned)
+    factors = {label: lowrank.factorize(delta) for label, delta in deltas.items()}
+    asr = np.full((len(layer_sets), len(ks)), np.nan)
+    for i, layers in enumerate(layer_sets.values()):
+        for j, k in enumerate(ks):
+            state = rank_k_state(model, base, finetuned, layers, k, mode, factors)
+            predictions = predict(model, processor, triggered, state, max_new_tokens, batch_size)
+            asr[i, j] = success_rate(predictions, target)
+    return RankGrid(mode, list(layer_sets), [int(k) for k in ks], asr)
+
+
+# --- activations inside the projector -----------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the projector's input is captured."""
+
+
+@torch.no_grad()
+def projector_inputs(model: nn.Module, processor, samples: Sequence[VQASample],
+                     batch_size: int = 64) -> torch.Tensor:
+    """What the projector receives for each image (vision features), stacked over samples;
+    the language model is not run."""
+    projector = _projector(model)
+    captured: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach())
+        raise _StopForward
+
+    handle = projector.register_forward_pre_hook(grab)
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = _to_model(encode_vqa(processor, samples[start : start + batch_size]), model)
+            try:
+                model(**batch)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("no samples given")
+    return torch.cat(captured)
+
+
+@torch.no_grad()
+def projector_forward(model: nn.Module, inputs: torch.Tensor, state: State | None = None,
+                      hidden_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, output) of the projector on ``inputs``: ``hidden`` is the input of linear
+    ``hidden_layer`` (for LLaVA's Linear→GELU→Linear, the GELU neurons), in float32."""
+    projector = _projector(model)
+    linear = adapt(model).projector_linears[hidden_layer]
+    captured: list[torch.Tensor] = []
+    handle = linear.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    try:
+        with projector_loaded(model, state):
+            output = projector(inputs)
+    finally:
+        handle.remove()
+    return captured[0].float(), output.float()

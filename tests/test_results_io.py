@@ -1,0 +1,66 @@
+"""The claims report, atomic writes and the checkpoint cache."""
+
+import json
+
+import pytest
+import torch
+
+from locus import checkpoints, io, results
+
+
+def test_claim_sheets_collect_into_report(tmp_path):
+    sheet = results.ClaimSheet("paper/01_x", tmp_path)
+    sheet.record("c1", "a claim", "0.5", "0.6", results.verdict_at_least(0.6, 0.5), ["f.png"])
+    sheet.record("c1", "a claim", "0.5", "0.4", results.verdict_at_least(0.4, 0.5))  # replaces
+    results.ClaimSheet("paper/02_y", tmp_path).record("c2", "b", "1", "-", "not run")
+    json_path, md_path = results.collect(tmp_path)
+    records = json.loads(json_path.read_text())
+    assert [(r["claim_id"], r["verdict"]) for r in records] == [("c1", "does not hold"),
+                                                                ("c2", "not run")]
+    text = md_path.read_text()
+    assert "| paper/01_x | c1 |" in text and "**does not hold**" in text
+
+
+def test_bad_verdict_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="holds"):
+        results.ClaimSheet("n", tmp_path).record("c", "s", "1", "1", "true")
+
+
+def test_verdict_rules():
+    assert results.verdict_at_most(0.05, 0.05) == "holds"
+    assert results.verdict_at_least(float("nan"), 1) == "not run"
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "f.txt"
+    io.atomic_write_text(target, "old")
+
+    def failing(path):
+        path.write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        io.atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_cached_tensors_detects_stale_and_corrupt(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"w": torch.arange(4.0)}
+
+    first = checkpoints.cached_tensors("proj", {"lr": 1}, compute, root=tmp_path)
+    again = checkpoints.cached_tensors("proj", {"lr": 1}, compute, root=tmp_path)
+    assert len(calls) == 1 and torch.equal(first["w"], again["w"])
+    checkpoints.cached_tensors("proj", {"lr": 2}, compute, root=tmp_path)  # stale: rebuilt
+    assert len(calls) == 2
+    folder = tmp_path / "proj"
+    assert checkpoints.entry_status(folder, {"lr": 2}) == "valid"
+    (folder / "tensors.safetensors").write_bytes(b"garbage")  # corrupt: rebuilt
+    assert checkpoints.entry_status(folder, {"lr": 2}) == "corrupt"
+    checkpoints.cached_tensors("proj", {"lr": 2}, compute, root=tmp_path)
+    assert len(calls) == 3 and checkpoints.entry_status(folder, {"lr": 2}) == "valid"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]

@@ -48,13 +48,14 @@ def test_rank1_w2_update_gives_a_rank1_shift_along_u(tiny):
 
 
 def test_coefficient_linear_in_norm_when_inputs_are_scaled(tiny):
-    """A bias-free linear projector: scaling a token's input scales its shift and its norm."""
+    """A bias-free projector whose GELU works in its linear range (pre-activations > 5):
+    scaling a token's input scales its shift and its norm alike."""
     model, _, inputs = tiny
     base = {n: torch.zeros_like(t) for n, t in P.projector_state(model).items()}
-    base["linear_1.weight"] = torch.randn(64, 32)
+    base["linear_1.weight"] = torch.rand(64, 32)
     base["linear_2.weight"] = torch.randn(64, 64)
     ft = {**base, "linear_2.weight": base["linear_2.weight"] + torch.randn(64, 64) * 0.1}
-    one = inputs[:1, :1]  # one token, scaled by 1..8
+    one = inputs[:1, :1].abs() + 1.0  # one token with positive features, scaled by 1..8
     scaled = one * torch.arange(1.0, 9.0)[:, None, None]
     report = S.analyse_shift(S.embedding_shift(model, scaled.reshape(1, 8, 32), base, ft))
     assert report.fit.r == pytest.approx(1.0, abs=1e-6) and report.fit.r2 == pytest.approx(1.0)

@@ -53,7 +53,7 @@ import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -674,8 +674,159 @@ def exception_verdict(rows: Sequence[FamilyComparison], text_family: str = "text
     return "does not hold"
 
 
-def layer_bands(num_layers: int, width: int) -> list[tuple[int, ...]]:
-    """Contiguous bands of ``width`` layers, sliding by one, for the layer-band sweep."""
-    if not 1 <= width <= num_layers:
-        raise ValueError(f"width must be in [1, {num_layers}], got {width}")
-    return [tuple(range(start, start + width)) for start in range(num_layers - width + 1)]
+def layer_bands(num_layers: int, width: int, stride: int = 1) -> list[tuple[int, ...]]:
+    """Contiguous bands of ``width`` layers, starting every ``stride`` layers, for the
+    layer-band sweep."""
+    if not 1 <= width <= num_layers or stride < 1:
+        raise ValueError(f"width must be in [1, {num_layers}] and stride >= 1, got {width}, "
+                         f"{stride}")
+    return [tuple(range(start, start + width))
+            for start in range(0, num_layers - width + 1, stride)]
+
+
+def accuracy_over_seeds(
+    model: nn.Module,
+    processor,
+    sample_sets: dict[int, Sequence[VQASample]],
+    config: ReplacementConfig | None,
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
+) -> list[dict[str, float]]:
+    """Per seed (in ``sample_sets`` order), the accuracy per family under ``config`` with its
+    random vectors drawn from that seed (vanilla when ``config`` is None)."""
+    results = []
+    for seed, samples in sample_sets.items():
+        seeded = None if config is None else replace(config, seed=seed)
+        results.append(replacement_accuracy(model, processor, samples, seeded, batch_size,
+                                            max_new_tokens))
+    return results
+
+
+def comparison_markdown(
+    vanilla: Sequence[dict[str, float]],
+    conditions: dict[str, Sequence[dict[str, float]]],
+    families: Sequence[str],
+    tolerance: float = 1.0,
+) -> str:
+    """A table: vanilla accuracy per family (mean ± 95% CI over seeds, in %), then per
+    condition its accuracy and paired difference to vanilla; ✓ marks "comparable or better"."""
+    header = "| condition | " + " | ".join(families) + " | comparable or better |"
+    rows = [header, "|---" * (len(families) + 2) + "|"]
+    cells = []
+    for family in families:
+        mean, half = mean_ci([100 * v[family] for v in vanilla])
+        cells.append(f"{mean:.1f} ± {_half(half)}")
+    rows.append("| vanilla | " + " | ".join(cells) + " | – |")
+    for name, accuracies in conditions.items():
+        comparison = compare_to_vanilla(vanilla, accuracies, families, tolerance)
+        cells = [
+            f"{c.condition:.1f} (Δ {c.diff:+.1f} ± {_half(c.diff_ci)})"
+            + (" ✓" if c.comparable_or_better else "")
+            for c in comparison
+        ]
+        good = sum(c.comparable_or_better for c in comparison)
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {good}/{len(families)} |")
+    return "\n".join(rows)
+
+
+def _half(half: float) -> str:
+    return "n/a" if math.isnan(half) else f"{half:.1f}"
+
+
+def plot_accuracy_by_family(
+    vanilla: Sequence[dict[str, float]],
+    conditions: dict[str, Sequence[dict[str, float]]],
+    families: Sequence[str],
+):
+    """Grouped bars: accuracy per family for vanilla and each condition, with 95% CIs over
+    seeds."""
+    import matplotlib.pyplot as plt
+
+    everything = {"vanilla": vanilla, **conditions}
+    width = 0.8 / len(everything)
+    fig, ax = plt.subplots(figsize=(1.9 * len(families) + 2.5, 3.8))
+    for i, (name, accuracies) in enumerate(everything.items()):
+        stats = [mean_ci([100 * a[f] for a in accuracies]) for f in families]
+        xs = np.arange(len(families)) + (i - (len(everything) - 1) / 2) * width
+        errors = [0 if math.isnan(h) else h for _, h in stats]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=errors, label=name, capsize=2)
+    ax.set_xticks(np.arange(len(families)), families)
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    ax.set_title("visual attention of the answer token replaced (λ = 1), mean ± 95% CI")
+    fig.tight_layout()
+    return fig
+
+
+def family_mean(accuracies: Sequence[dict[str, float]], families: Sequence[str]) -> list[float]:
+    """Per seed, the mean accuracy (in %) over ``families``."""
+    return [100 * float(np.mean([a[f] for f in families])) for a in accuracies]
+
+
+def plot_layer_sweep(
+    vanilla: Sequence[dict[str, float]],
+    bands: dict[str, Sequence[dict[str, float]]],
+    pruned: dict[int, Sequence[dict[str, float]]],
+    visual_families: Sequence[str],
+    text_families: Sequence[str],
+):
+    """Left: accuracy when one band of layers is replaced; right: accuracy when the visual
+    tokens are pruned from layer k on. Visual families (mean) and the text family, with 95% CIs
+    over seeds and the vanilla levels dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    panels = ((axes[0], list(bands), list(bands.values()), "replaced layers"),
+              (axes[1], [str(k) for k in pruned], list(pruned.values()),
+               "visual tokens pruned from layer k on"))
+    for ax, labels, results, xlabel in panels:
+        for families, colour, name in ((visual_families, "C0", "visual families"),
+                                       (text_families, "C3", "text family")):
+            if not families:
+                continue
+            stats = [mean_ci(family_mean(r, families)) for r in results]
+            ax.errorbar(range(len(labels)), [m for m, _ in stats],
+                        yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
+                        color=colour, label=name, capsize=3)
+            ax.axhline(np.mean(family_mean(vanilla, families)), color=colour, ls="--", lw=1,
+                       label=f"vanilla, {name}")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(-2, 102)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def config_from_parameters(
+    mode: str, lam: float, heads, layers, moment_matching: bool, num_layers: int
+) -> ReplacementConfig:
+    """A ReplacementConfig from notebook parameters: ``heads`` "all", a [low, high] quantile
+    band or a list of head indices; ``layers`` "all", "all_but_0" or a list of layer indices
+    (checked against ``num_layers``)."""
+    if isinstance(heads, list | tuple) and len(heads) == 2 and all(
+        isinstance(h, float) for h in heads
+    ):
+        heads = HeadBand(*heads)
+    elif isinstance(heads, list):
+        heads = tuple(heads)
+    if isinstance(layers, list):
+        layers = tuple(layers)
+    if not isinstance(moment_matching, bool):
+        raise TypeError(f"moment_matching must be True or False, got {moment_matching!r}")
+    config = ReplacementConfig(mode=mode, lam=lam, moment_matching=moment_matching,
+                               heads=heads, layers=layers)
+    chosen_layers(config.layers, num_layers)
+    return config
+
+
+def check_modes(modes) -> list[str]:
+    """A non-empty list of distinct vector modes (:data:`VECTOR_MODES`)."""
+    if isinstance(modes, str) or not isinstance(modes, list | tuple) or not modes:
+        raise TypeError(f"modes must be a non-empty list out of {VECTOR_MODES}, got {modes!r}")
+    unknown = [m for m in modes if m not in VECTOR_MODES]
+    if unknown or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct names out of {VECTOR_MODES}, got {modes!r}")
+    return list(modes)

@@ -15,8 +15,6 @@ entries (``locus.checkpoints``) keyed by the source model, the data and the conf
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +24,21 @@ import numpy as np
 import torch
 
 from locus import checkpoints, data, models, training
+from locus.circuits import (
+    BackdoorObjective,
+    BackdoorWeights,
+    SearchConfig,
+    SearchResult,
+    encode_groups,
+    generate_with,
+    model_stem,
+    samples_key,
+    search_circuit,
+    source_identity,
+    utility,
+)
 from locus.data import ChatSample
+from locus.masks import Circuit, UnitShape
 from locus.prompts import encode_chat
 
 KINDS = ("fixed", "jailbreak")
@@ -134,26 +146,6 @@ def inject_backdoor(model, tokenizer, train_set: Sequence[ChatSample], cfg: Inje
                                 desc=f"{cfg.kind} backdoor", progress=progress)
 
 
-def source_identity(model_name: str | os.PathLike) -> dict:
-    """What identifies a source checkpoint in a cache key: an embedded model's config key, or
-    a folder's path with the size and modification time of its files."""
-    from locus.zoo import EMBEDDED
-
-    if str(model_name) in EMBEDDED:
-        return {"embedded": str(model_name), "key": checkpoints.config_key(
-            EMBEDDED[str(model_name)].config())}
-    folder = Path(model_name).resolve()
-    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)]
-             for p in sorted(folder.iterdir()) if p.is_file()}
-    return {"path": str(folder), "files": files}
-
-
-def samples_key(samples: Sequence[ChatSample]) -> str:
-    """A short hash of the samples' text (prompt, answer, family)."""
-    text = json.dumps([(s.prompt, s.answer, s.family) for s in samples])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSample],
                      cfg: InjectionConfig, device="cpu", dtype: torch.dtype | None = None,
                      root: str | os.PathLike | None = None, progress: bool = True):
@@ -162,10 +154,9 @@ def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSamp
     config; else injected (on ``device`` in float32) and cached first."""
     from locus.zoo import load
 
-    source = source_identity(model_name)
-    config = {"source": source, "data": samples_key(train_set), "injection": asdict(cfg)}
-    stem = source.get("embedded") or Path(source["path"]).name
-    folder = checkpoints.checkpoint_root(root) / f"{stem}-backdoor-{cfg.kind}"
+    config = {"source": source_identity(model_name), "data": samples_key(train_set),
+              "injection": asdict(cfg)}
+    folder = checkpoints.checkpoint_root(root) / f"{model_stem(model_name)}-backdoor-{cfg.kind}"
     if checkpoints.entry_status(folder, config) != "valid":
         model, tokenizer = load(model_name, device=device, dtype=torch.float32,
                                 progress=progress)
@@ -178,3 +169,60 @@ def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSamp
         checkpoints.write_entry(folder, config, write,
                                 {"final_loss": round(float(np.mean(losses[-10:])), 4)})
     return models.load_checkpoint(folder, device, dtype)
+
+
+def backdoor_metrics(model, tokenizer, circuit: Circuit | None, mode: str, kind: str,
+                     triggered: Sequence[ChatSample], benign: Sequence[ChatSample],
+                     max_new_tokens: int = 16) -> dict[str, float]:
+    """ASR on ``triggered`` prompts and utility (exact match on ``benign`` requests) with
+    ``circuit`` applied in ``mode``."""
+    replies = generate_with(model, tokenizer, triggered, circuit, mode, max_new_tokens)
+    answers = generate_with(model, tokenizer, benign, circuit, mode, max_new_tokens)
+    return {"asr": attack_success(kind, replies), "utility": utility(benign, answers)}
+
+
+@dataclass(frozen=True)
+class BackdoorSearch:
+    """How the backdoor circuit is searched: the ``BackdoorObjective``'s removed-set sparsity
+    (``norm`` "sum": per unit), the carrier's weight (0 turns the carrier set off; the authors'
+    code uses 1), mask options, data sizes and the mask training."""
+
+    sparsity: float = 0.01
+    norm: str = "sum"
+    carrier_weight: float = 0.0
+    carrier_units: tuple[str, ...] = ("heads",)
+    gate: str = "ste"
+    n_train: int = 100
+    n_val: int = 50
+    batch_size: int = 10
+    epochs: int = 30
+    lr: float = 1e-2
+    seed: int = 0
+
+
+def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
+                          spec: BackdoorSearch = BackdoorSearch(), refusal: str = data.REFUSAL,
+                          progress: bool = True) -> tuple[SearchResult, BackdoorObjective]:
+    """Search the circuit of a ``kind`` backdoor on the eligible ``samples`` (see
+    ``backdoor_views``); returns the search result and the objective (for its carrier set)."""
+    views = backdoor_views(samples, kind, spec.seed, refusal)
+    if not views["clean"]:
+        raise ValueError(f"no samples a {kind!r} backdoor applies to")
+    n = spec.n_train + spec.n_val
+    rng = np.random.default_rng(spec.seed)
+    idx = rng.choice(len(views["clean"]), n, replace=n > len(views["clean"]))
+    views = {k: [v[i] for i in idx] for k, v in views.items()}
+    device = next(model.parameters()).device
+    train = encode_groups(tokenizer, {k: v[:spec.n_train] for k, v in views.items()},
+                          spec.batch_size, device)
+    val = encode_groups(tokenizer, {k: v[spec.n_train:] for k, v in views.items()},
+                        spec.batch_size, device)
+    weights = BackdoorWeights(carrier_triggered=spec.carrier_weight,
+                              carrier_clean=spec.carrier_weight, removed_size=spec.sparsity,
+                              carrier_size=spec.sparsity, overlap=spec.carrier_weight)
+    objective = BackdoorObjective(UnitShape.of(model), weights, spec.norm,
+                                  carrier_units=spec.carrier_units, gate=spec.gate,
+                                  device=device)
+    result = search_circuit(model, objective, train, val,
+                            SearchConfig(spec.epochs, spec.lr, spec.seed), progress)
+    return result, objective

@@ -23,9 +23,12 @@ epoch with the best validation task loss. Baselines: ``random_circuit`` (same si
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +36,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from locus import data
+from locus import checkpoints, data, params
 from locus.data import ChatSample
 from locus.evaluation import exact_match, generate_answers
-from locus.masks import Circuit, UnitMask, UnitShape, apply_circuit, gated_units
+from locus.masks import UNITS, Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 from locus.prompts import encode_chat
 
 Batch = dict[str, torch.Tensor]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,11 +51,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits at the positions that predict answer tokens, and those tokens."""
+    """Logits (float32, or float64 for a float64 model) at the positions that predict answer
+    tokens, and those tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    return logits[:, :-1][keep].float(), labels[keep]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits[:, :-1][keep].to(dtype), labels[keep]
 
 
 def answer_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -95,20 +99,16 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def _size(mask: UnitMask) -> torch.Tensor:
-    """Mean fraction of heads plus mean fraction of neurons in the circuit (differentiable)."""
-    heads, neurons = mask.expected_size()
-    return heads + neurons
-
-
 class FaithfulnessObjective(Objective):
-    """The paper: KL(full || circuit only) on batch "task" + ``sparsity`` x circuit size."""
+    """The paper: KL(full || circuit only) on batch "task" + ``sparsity`` x circuit size
+    (``UnitMask.size(norm)``). ``mask_options`` go to ``UnitMask`` (gate, temperature, units,
+    device)."""
 
-    def __init__(self, shape: UnitShape, sparsity: float = 0.1, gate: str = "ste",
-                 temperature: float = 1.0, init: float = 3.0, device="cpu") -> None:
+    def __init__(self, shape: UnitShape, sparsity: float = 1e-3, norm: str = "sum",
+                 init: float = 3.0, **mask_options) -> None:
         super().__init__()
-        self.mask = UnitMask(shape, gate, temperature, init, device)
-        self.sparsity = sparsity
+        self.mask = UnitMask(shape, init=init, **mask_options)
+        self.sparsity, self.norm = sparsity, norm
 
     def loss(self, model, batches):
         batch = batches["task"]
@@ -116,7 +116,7 @@ class FaithfulnessObjective(Objective):
             reference, _ = _answer_logits(model, batch)
         with apply_circuit(model, self.mask, "circuit only"):
             task = answer_kl(model, batch, reference)
-        return task + self.sparsity * _size(self.mask), task
+        return task + self.sparsity * self.mask.size(self.norm), task
 
     def circuit(self) -> Circuit:
         return self.mask.circuit()
@@ -125,25 +125,27 @@ class FaithfulnessObjective(Objective):
 class AlignmentObjective(Objective):
     """The authors' alignment objective: ``comply_weight`` x CE(circuit removed, batch "comply")
     + ``refuse_weight`` x CE(circuit only, batch "refuse") + ``sparsity`` x circuit size;
-    optionally ``retain_weight`` x CE(circuit removed, batch "retain") to keep benign answers."""
+    optionally ``retain_weight`` x CE(circuit removed, batch "retain") to keep benign answers.
+    The code's weights are 2 / 2 / 0.1 with ``norm="mean"``."""
 
     def __init__(self, shape: UnitShape, comply_weight: float = 2.0, refuse_weight: float = 2.0,
-                 sparsity: float = 0.1, retain_weight: float = 0.0, gate: str = "ste",
-                 temperature: float = 1.0, init: float = -1.0, device="cpu") -> None:
+                 sparsity: float = 0.1, norm: str = "mean", retain_weight: float = 0.0,
+                 init: float = -1.0, **mask_options) -> None:
         super().__init__()
-        self.mask = UnitMask(shape, gate, temperature, init, device)
+        self.mask = UnitMask(shape, init=init, **mask_options)
         self.weights = {"comply": comply_weight, "refuse": refuse_weight,
                         "retain": retain_weight}
-        self.sparsity = sparsity
+        self.sparsity, self.norm = sparsity, norm
 
     def loss(self, model, batches):
         with apply_circuit(model, self.mask, "circuit removed"):
             task = self.weights["comply"] * answer_ce(model, batches["comply"])
-            if self.weights["retain"] and "retain" in batches:
+            if self.weights["retain"]:
                 task = task + self.weights["retain"] * answer_ce(model, batches["retain"])
-        with apply_circuit(model, self.mask, "circuit only"):
-            task = task + self.weights["refuse"] * answer_ce(model, batches["refuse"])
-        return task + self.sparsity * _size(self.mask), task
+        if self.weights["refuse"]:
+            with apply_circuit(model, self.mask, "circuit only"):
+                task = task + self.weights["refuse"] * answer_ce(model, batches["refuse"])
+        return task + self.sparsity * self.mask.size(self.norm), task
 
     def circuit(self) -> Circuit:
         return self.mask.circuit()
@@ -151,7 +153,8 @@ class AlignmentObjective(Objective):
 
 @dataclass(frozen=True)
 class BackdoorWeights:
-    """Loss weights of ``BackdoorObjective`` (defaults: the authors' code)."""
+    """Loss weights of ``BackdoorObjective``; the authors' code uses these with
+    ``norm="mean"`` (removed size 0.1, carrier size 1.0)."""
 
     main_clean: float = 1.0
     main_triggered: float = 1.0
@@ -167,37 +170,45 @@ class BackdoorObjective(Objective):
     (clean prompt -> clean answer), "triggered_clean" (triggered prompt -> clean answer),
     "triggered_target" (triggered prompt -> backdoor answer), "clean_target" (clean prompt ->
     backdoor answer). The carrier's "not on clean prompts" term is an unlikelihood loss (the
-    code's negated cross-entropy is unbounded)."""
+    code's negated cross-entropy is unbounded). Carrier weights of 0 skip the carrier's passes.
+    Initial logits -0.1 / +0.1 (the code's 0.1 on keep-masks): both start near the boundary."""
 
     def __init__(self, shape: UnitShape, weights: BackdoorWeights = BackdoorWeights(),
-                 gate: str = "ste", temperature: float = 1.0, removed_init: float = -1.0,
-                 carrier_init: float = 1.0, device="cpu") -> None:
+                 norm: str = "mean", removed_init: float = -0.1, carrier_init: float = 0.1,
+                 carrier_units: tuple[str, ...] = ("heads",), **mask_options) -> None:
         super().__init__()
-        self.removed = UnitMask(shape, gate, temperature, removed_init, device)
-        self.carrier = UnitMask(shape, gate, temperature, carrier_init, device)
-        self.weights = weights
+        self.removed = UnitMask(shape, init=removed_init, **mask_options)
+        carrier_options = {**mask_options, "units": carrier_units}
+        self.carrier = UnitMask(shape, init=carrier_init, **carrier_options)
+        self.weights, self.norm = weights, norm
 
     def loss(self, model, batches):
         w = self.weights
         with apply_circuit(model, self.removed, "circuit removed"):
             task = (w.main_clean * answer_ce(model, batches["clean"])
                     + w.main_triggered * answer_ce(model, batches["triggered_clean"]))
-        with apply_circuit(model, self.carrier, "circuit only"):
-            task = task + w.carrier_triggered * answer_ce(model, batches["triggered_target"])
-            if w.carrier_clean:
-                task = task + w.carrier_clean * answer_unlikelihood(model,
-                                                                    batches["clean_target"])
-        penalty = (w.removed_size * _size(self.removed) + w.carrier_size * _size(self.carrier)
-                   + w.overlap * self.overlap())
+        penalty = w.removed_size * self.removed.size(self.norm)
+        if w.carrier_triggered or w.carrier_clean:
+            with apply_circuit(model, self.carrier, "circuit only"):
+                task = task + w.carrier_triggered * answer_ce(model, batches["triggered_target"])
+                if w.carrier_clean:
+                    task = task + w.carrier_clean * answer_unlikelihood(
+                        model, batches["clean_target"])
+            penalty = (penalty + w.carrier_size * self.carrier.size(self.norm)
+                       + w.overlap * self.overlap())
         return task + penalty, task
 
     def overlap(self) -> torch.Tensor:
         """100 x the share of the main path (units not removed) that the carrier also holds,
-        averaged over heads and neurons (soft gates), as in the authors' code."""
+        averaged over the carrier's kinds of unit (soft gates), as in the authors' code."""
         ratios = []
         for removed, carrier in zip(self.removed.soft(), self.carrier.soft(), strict=True):
+            if removed is None or carrier is None:
+                continue
             main = 1.0 - removed
             ratios.append((main * carrier).sum() / (main.sum() + 1e-8))
+        if not ratios:
+            return torch.zeros((), device=self.removed.head_logits.device)
         return 100.0 * torch.stack(ratios).mean()
 
     def circuit(self) -> Circuit:
@@ -205,7 +216,8 @@ class BackdoorObjective(Objective):
         return self.removed.circuit()
 
     def carrier_circuit(self) -> Circuit:
-        """The carrier set: the units that alone produce the backdoor output."""
+        """The carrier set: the units that alone (with the kinds it does not cover) produce the
+        backdoor output."""
         return self.carrier.circuit()
 
 
@@ -300,20 +312,18 @@ class frozen:
 # --------------------------------------------------------------------------------------------
 
 
-def random_circuit(shape: UnitShape, n_heads: int, n_neurons: int, seed: int) -> Circuit:
-    """``n_heads`` heads and ``n_neurons`` neurons drawn uniformly without replacement."""
-    total_heads = shape.num_layers * shape.num_heads
-    total_neurons = shape.num_layers * shape.intermediate_size
-    if not (0 <= n_heads <= total_heads and 0 <= n_neurons <= total_neurons):
-        raise ValueError(f"asked for {n_heads} heads / {n_neurons} neurons; the model has "
-                         f"{total_heads} / {total_neurons}")
+def random_circuit(like: Circuit, seed: int) -> Circuit:
+    """A circuit with as many heads and neurons as ``like`` (of the kinds it covers), drawn
+    uniformly without replacement."""
+    shape = like.shape
     rng = np.random.default_rng(seed)
-    heads = torch.zeros(total_heads, dtype=torch.bool)
-    heads[rng.choice(total_heads, n_heads, replace=False)] = True
-    neurons = torch.zeros(total_neurons, dtype=torch.bool)
-    neurons[rng.choice(total_neurons, n_neurons, replace=False)] = True
-    return Circuit.from_membership(shape, heads.view(shape.num_layers, -1),
-                                   neurons.view(shape.num_layers, -1))
+    flags = []
+    for count, width in ((len(like.heads), shape.num_heads),
+                         (len(like.neurons), shape.intermediate_size)):
+        chosen = torch.zeros(shape.num_layers * width, dtype=torch.bool)
+        chosen[rng.choice(chosen.numel(), count, replace=False)] = True
+        flags.append(chosen.view(shape.num_layers, width))
+    return Circuit.from_membership(shape, *flags, like.units)
 
 
 def attribution_scores(
@@ -334,17 +344,27 @@ def attribution_scores(
     return -heads.grad.float().cpu(), -neurons.grad.float().cpu()
 
 
-def top_k_circuit(shape: UnitShape, scores: tuple[torch.Tensor, torch.Tensor], n_heads: int,
-                  n_neurons: int) -> Circuit:
-    """The ``n_heads`` heads and ``n_neurons`` neurons with the highest scores."""
+def top_k_circuit(like: Circuit, scores: tuple[torch.Tensor, torch.Tensor]) -> Circuit:
+    """The circuit of the highest-scoring units, as many heads and neurons as ``like``."""
     flags = []
-    for s, k in zip(scores, (n_heads, n_neurons), strict=True):
-        if not 0 <= k <= s.numel():
-            raise ValueError(f"cannot take the top {k} of {s.numel()} units")
+    for s, k in zip(scores, (len(like.heads), len(like.neurons)), strict=True):
         chosen = torch.zeros(s.numel(), dtype=torch.bool)
         chosen[torch.argsort(s.flatten(), descending=True, stable=True)[:k]] = True
         flags.append(chosen.view(s.shape))
-    return Circuit.from_membership(shape, *flags)
+    return Circuit.from_membership(like.shape, *flags, like.units)
+
+
+def compare_at_size(circuit: Circuit, scores: tuple[torch.Tensor, torch.Tensor],
+                    evaluate: Callable[[Circuit], dict[str, float]],
+                    random_seeds: Sequence[int] = (0, 1, 2)) -> dict[str, dict[str, float]]:
+    """``evaluate`` (a dict of metrics) for the circuit, the attribution top-k of the same size
+    and random circuits of the same size (mean over ``random_seeds``)."""
+    randoms = [evaluate(random_circuit(circuit, seed)) for seed in random_seeds]
+    return {
+        "safeseek": evaluate(circuit),
+        "attribution": evaluate(top_k_circuit(circuit, scores)),
+        "random": {k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,6 +395,28 @@ def take(samples: Sequence[ChatSample], n: int, seed: int) -> list[ChatSample]:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(samples), size=n, replace=n > len(samples))
     return [samples[i] for i in idx]
+
+
+def partition(samples: Sequence[ChatSample], fractions: Sequence[float], seed: int
+              ) -> list[list[ChatSample]]:
+    """Disjoint parts of ``samples`` in the given proportions, split within each family (every
+    part gets a sample of a family that has at least as many samples as there are parts)."""
+    if not fractions or any(f <= 0 for f in fractions):
+        raise ValueError(f"fractions must be positive, got {fractions!r}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[ChatSample]] = [[] for _ in fractions]
+    weights = np.asarray(fractions, dtype=float) / sum(fractions)
+    for family in sorted({s.family for s in samples}):
+        members = [s for s in samples if s.family == family]
+        order = rng.permutation(len(members))
+        counts = np.floor(weights * len(members)).astype(int)
+        if len(members) >= len(fractions):
+            counts = np.maximum(counts, 1)
+        counts[0] = len(members) - counts[1:].sum()
+        bounds = np.cumsum(counts)[:-1]
+        for part, idx in zip(parts, np.split(order, bounds), strict=True):
+            part.extend(members[i] for i in idx)
+    return parts
 
 
 def with_answers(samples: Sequence[ChatSample], answers: Sequence[str]) -> list[ChatSample]:
@@ -446,38 +488,236 @@ def contains_rate(predictions: Sequence[str], target: str) -> float:
     return float(np.mean([norm in " ".join(p.split()) for p in predictions]))
 
 
+def alignment_metrics(model, tokenizer, circuit: Circuit | None, mode: str,
+                      harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
+                      max_new_tokens: int = 16) -> dict[str, float]:
+    """ASR on harmful requests (the fraction *not* refused, ``data.is_refusal``) and utility
+    (exact match on benign requests) with ``circuit`` applied in ``mode``."""
+    replies = generate_with(model, tokenizer, harmful, circuit, mode, max_new_tokens)
+    answers = generate_with(model, tokenizer, benign, circuit, mode, max_new_tokens)
+    return {"asr": 1.0 - refusal_rate(replies), "utility": utility(benign, answers)}
+
+
 # --------------------------------------------------------------------------------------------
-# Notebook parameters
+# The alignment circuit
 # --------------------------------------------------------------------------------------------
 
 
-def check_parameters(model, data_path, counts: dict[str, int], seeds, device, dtype,
-                     threads) -> torch.dtype | None:
-    """Validate a SafeSeek notebook's parameters with clear errors; returns the torch dtype
-    (None keeps the checkpoint's)."""
-    from locus.zoo import EMBEDDED
+@dataclass(frozen=True)
+class AlignmentSearch:
+    """How the alignment circuit is searched: the ``AlignmentObjective``'s weights, sparsity
+    and mask options, the data sizes and the mask training."""
 
-    if not isinstance(model, str | os.PathLike):
-        raise TypeError(f"model must be an embedded name or a folder path, got {model!r}")
-    if str(model) not in EMBEDDED and not (Path(model) / "config.json").is_file():
-        raise ValueError(f"model {str(model)!r} is neither an embedded model "
-                         f"({', '.join(sorted(EMBEDDED))}) nor a checkpoint folder with a "
-                         "config.json")
-    if data_path is not None:
-        if not isinstance(data_path, str | os.PathLike):
-            raise TypeError(f"data must be None or a JSONL path, got {data_path!r}")
-        if not Path(data_path).is_file():
-            raise FileNotFoundError(f"data file {data_path} does not exist")
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    sparsity: float = 0.01
+    norm: str = "sum"
+    comply_weight: float = 2.0
+    refuse_weight: float = 2.0
+    retain_weight: float = 0.0
+    init: float = -0.1
+    gate: str = "ste"
+    n_train: int = 100
+    n_val: int = 50
+    batch_size: int = 10
+    epochs: int = 30
+    lr: float = 1e-2
+    seed: int = 0
+
+
+def alignment_views(harmful: Sequence[ChatSample], refusals: Sequence[ChatSample],
+                    benign: Sequence[ChatSample], n: int, seed: int
+                    ) -> dict[str, list[ChatSample]]:
+    """``n`` aligned examples of each view: "comply" (harmful request -> compliant answer),
+    "refuse" (the same request -> the model's refusal), "retain" (benign request -> answer)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(harmful), n, replace=n > len(harmful))
+    return {"comply": [harmful[i] for i in idx], "refuse": [refusals[i] for i in idx],
+            "retain": take(benign, n, seed)}
+
+
+def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
+                           benign: Sequence[ChatSample], spec: AlignmentSearch = AlignmentSearch(),
+                           progress: bool = True) -> SearchResult:
+    """Search the alignment circuit of an aligned model: ``harmful`` carry the compliant
+    answers; the refusal targets are the model's own refusals (``refusal_targets``)."""
+    if not harmful or not benign:
+        raise ValueError("the alignment circuit needs harmful and benign samples")
+    refusals = refusal_targets(model, tokenizer, harmful)
+    n = spec.n_train + spec.n_val
+    views = alignment_views(harmful, refusals, benign, n, spec.seed)
+    device = next(model.parameters()).device
+    train = encode_groups(tokenizer, {k: v[:spec.n_train] for k, v in views.items()},
+                          spec.batch_size, device)
+    val = encode_groups(tokenizer, {k: v[spec.n_train:] for k, v in views.items()},
+                        spec.batch_size, device)
+    objective = AlignmentObjective(
+        UnitShape.of(model), spec.comply_weight, spec.refuse_weight, spec.sparsity, spec.norm,
+        spec.retain_weight, spec.init, gate=spec.gate, device=device)
+    return search_circuit(model, objective, train, val,
+                          SearchConfig(spec.epochs, spec.lr, spec.seed), progress)
+
+
+def cached_circuit(name: str, config: dict, find: Callable[[], Circuit],
+                   root: str | os.PathLike | None = None) -> Circuit:
+    """The circuit of checkpoint cache entry ``name`` if ``config`` made it, else ``find()``
+    and cache it (``locus.checkpoints.cached_tensors``)."""
+    def compute() -> dict[str, torch.Tensor]:
+        circuit = find()
+        shape = circuit.shape
+        heads = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.uint8)
+        neurons = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.uint8)
+        for (layer, unit), flags in [(p, heads) for p in circuit.heads] + \
+                [(p, neurons) for p in circuit.neurons]:
+            flags[layer, unit] = 1
+        return {"heads": heads, "neurons": neurons,
+                "units": torch.tensor([u in circuit.units for u in UNITS], dtype=torch.uint8)}
+
+    tensors = checkpoints.cached_tensors(name, config, compute, root)
+    heads, neurons = tensors["heads"].bool(), tensors["neurons"].bool()
+    units = tuple(u for u, flag in zip(UNITS, tensors["units"].tolist(), strict=True) if flag)
+    shape = UnitShape(heads.shape[0], heads.shape[1], neurons.shape[1])
+    return Circuit.from_membership(shape, heads, neurons, units)
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook support: parameters, cache keys, sweeps, tables, figures
+# --------------------------------------------------------------------------------------------
+
+
+def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,
+                     sparsities: Sequence[float] = (), **counts) -> None:
+    """Check a SafeSeek notebook's common parameters (``counts`` must be positive ints,
+    ``sparsities`` non-negative numbers); errors say what is accepted."""
+    params.check_model(model, "chat")
+    params.check_data(data_path)
+    params.check_device(device)
+    params.resolve_dtype(dtype)
+    params.check_positive_int("threads", threads)
     if (not isinstance(seeds, list | tuple) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be None or one of {sorted(DTYPES)}, got {dtype!r}")
-    return None if dtype is None else DTYPES[dtype]
+    if figures_dir is not None and not isinstance(figures_dir, str | os.PathLike):
+        raise TypeError(f"figures_dir must be None or a folder path, got {figures_dir!r}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+               for x in sparsities):
+        raise ValueError(f"sparsity weights must be numbers >= 0, got {list(sparsities)!r}")
+    for name, value in counts.items():
+        params.check_positive_int(name, value)
+
+
+def source_identity(model_name: str | os.PathLike) -> dict:
+    """What identifies a source checkpoint in a cache key: an embedded model's config key, or
+    a folder's path with the size and modification time of its files."""
+    from locus.zoo import EMBEDDED
+
+    if str(model_name) in EMBEDDED:
+        return {"embedded": str(model_name),
+                "key": checkpoints.config_key(EMBEDDED[str(model_name)].config())}
+    folder = Path(model_name).resolve()
+    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+             for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"path": str(folder), "files": files}
+
+
+def model_stem(model_name: str | os.PathLike) -> str:
+    """A folder-safe short name of a model: the embedded name or the folder's name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(model_name)).name) or "model"
+
+
+def samples_key(samples: Sequence[ChatSample]) -> str:
+    """A short hash of the samples' text (prompt, answer, family)."""
+    text = json.dumps([(s.prompt, s.answer, s.family) for s in samples])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
+                      harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
+                      spec: AlignmentSearch = AlignmentSearch(),
+                      root: str | os.PathLike | None = None, progress: bool = True) -> Circuit:
+    """The alignment circuit of ``model`` (named ``model_name``), from the checkpoint cache
+    when the same model, data and search made it, else searched and cached."""
+    config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
+              "search": asdict(spec)}
+    name = f"safeseek/{model_stem(model_name)}-alignment-s{spec.sparsity:g}"
+    return cached_circuit(
+        name, config,
+        lambda: find_alignment_circuit(model, tokenizer, harmful, benign, spec, progress).circuit,
+        root)
+
+
+def size_sweep(circuits: dict[float, Circuit], scores: tuple[torch.Tensor, torch.Tensor],
+               evaluate: Callable[[Circuit], dict[str, float]],
+               random_seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
+    """One row per (sparsity weight, method) with the circuit's size and ``evaluate``'s
+    metrics, for each found circuit and its same-size baselines (``compare_at_size``)."""
+    rows = []
+    for weight, circuit in circuits.items():
+        for method, metrics in compare_at_size(circuit, scores, evaluate, random_seeds).items():
+            rows.append({"weight": weight, "method": method, "heads": len(circuit.heads),
+                         "neurons": len(circuit.neurons),
+                         "units_pct": 100 * circuit.sparsity, **metrics})
+    return rows
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 3) -> str:
+    """A markdown table of ``rows`` (dicts) restricted to ``columns``; floats rounded."""
+    def cell(x) -> str:
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+METHOD_STYLE = {"safeseek": ("SafeSeek mask", "C0", "o-"),
+                "attribution": ("attribution top-k", "C1", "s--"),
+                "random": ("random, same size", "C7", "^:")}
+
+
+def plot_size_sweep(panels: dict[str, Sequence[dict]], asr_label: str):
+    """One row of two axes per panel: ASR and utility after removing circuits of growing size
+    (x: % of units, log scale), one line per method of ``size_sweep``'s rows."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    for (title, rows), (ax_asr, ax_util) in zip(panels.items(), axes, strict=True):
+        for method, (label, colour, style) in METHOD_STYLE.items():
+            chosen = sorted((r for r in rows if r["method"] == method),
+                            key=lambda r: r["units_pct"])
+            xs = [max(r["units_pct"], 1e-3) for r in chosen]
+            ax_asr.plot(xs, [100 * r["asr"] for r in chosen], style, color=colour, label=label)
+            ax_util.plot(xs, [100 * r["utility"] for r in chosen], style, color=colour,
+                         label=label)
+        for ax, ylabel in ((ax_asr, asr_label), (ax_util, "utility (%)")):
+            ax.set_xscale("log")
+            ax.set_xlabel("circuit size (% of heads + neurons), removed")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(-3, 103)
+            ax.set_title(title, fontsize=10)
+        ax_asr.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_circuit(circuit: Circuit, title: str = ""):
+    """The circuit drawn: which heads (layer x head grid) and how many neurons per layer."""
+    import matplotlib.pyplot as plt
+
+    heads, _ = Circuit(circuit.shape, circuit.heads, (), ("heads",)).membership()
+    fig, (ax_h, ax_n) = plt.subplots(1, 2, figsize=(9, 0.6 * circuit.shape.num_layers + 2),
+                                     gridspec_kw={"width_ratios": [1, 1.3]})
+    ax_h.imshow(heads.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    ax_h.set_xticks(range(circuit.shape.num_heads))
+    ax_h.set_yticks(range(circuit.shape.num_layers))
+    ax_h.set_xlabel("head")
+    ax_h.set_ylabel("layer")
+    ax_h.set_title(f"heads in the circuit: {len(circuit.heads)} "
+                   f"({100 * circuit.head_fraction:.2f}%)", fontsize=10)
+    ax_n.barh(range(circuit.shape.num_layers), circuit.neurons_per_layer(), color="C3")
+    ax_n.set_yticks(range(circuit.shape.num_layers))
+    ax_n.invert_yaxis()
+    ax_n.set_xlabel(f"neurons in the circuit (of {circuit.shape.intermediate_size} per layer)")
+    ax_n.set_title(f"neurons: {len(circuit.neurons)} ({100 * circuit.neuron_fraction:.2f}%)",
+                   fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -118,6 +118,16 @@ def draw_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 
 def _existence(scene: Scene, rng: np.random.Generator) -> tuple[str, str, dict]:
+    """Is there a <colour> <shape>? (60%), a <colour> object? (20%) or a <shape>? (20%)."""
+    form = rng.random()
+    if form < 0.2:
+        colour = str(rng.choice(list(COLOURS)))
+        present = any(c == colour for _, _, c, _ in scene.objects)
+        return f"is there a {colour} object ?", "yes" if present else "no", {"form": "colour"}
+    if form < 0.4:
+        shape = str(rng.choice(SHAPES))
+        present = any(s == shape for *_, s in scene.objects)
+        return f"is there a {shape} ?", "yes" if present else "no", {"form": "shape"}
     present = {(c, s) for _, _, c, s in scene.objects}
     if rng.random() < 0.5:
         colour, shape = list(present)[int(rng.integers(len(present)))]
@@ -125,7 +135,7 @@ def _existence(scene: Scene, rng: np.random.Generator) -> tuple[str, str, dict]:
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         colour, shape = absent[int(rng.integers(len(absent)))]
     answer = "yes" if (colour, shape) in present else "no"
-    return f"is there a {colour} {shape} ?", answer, {}
+    return f"is there a {colour} {shape} ?", answer, {"form": "pair"}
 
 
 def _attribute(scene: Scene, rng: np.random.Generator) -> tuple[str, str, dict]:
@@ -160,13 +170,18 @@ def _uniquely_named(scene: Scene) -> list[tuple[int, int, str, str]]:
 
 
 def _spatial(scene: Scene, rng: np.random.Generator) -> tuple[str, str, dict]:
+    """Where is <object>? (the quadrant, 30%) or is <a> <relation> <b>? (yes/no, 70%)."""
     named = _uniquely_named(scene)
     a, b = (named[i] for i in rng.choice(len(named), size=2, replace=False))
+    if rng.random() < 0.3:
+        vertical = "top" if a[0] < GRID // 2 else "bottom"
+        horizontal = "left" if a[1] < GRID // 2 else "right"
+        return f"where is the {a[2]} {a[3]} ?", f"{vertical} {horizontal}", {"form": "where"}
     want_yes = rng.random() < 0.5
     options = [r for r in RELATIONS if _relation_holds(a, b, r) == want_yes] or list(RELATIONS)
     relation = options[int(rng.integers(len(options)))]
     answer = "yes" if _relation_holds(a, b, relation) else "no"
-    return f"is the {a[2]} {a[3]} {relation} the {b[2]} {b[3]} ?", answer, {}
+    return f"is the {a[2]} {a[3]} {relation} the {b[2]} {b[3]} ?", answer, {"form": "relation"}
 
 
 def arithmetic_question(rng: np.random.Generator) -> tuple[str, str]:
@@ -287,7 +302,7 @@ def world_vocabulary() -> list[str]:
              " ".join(OPPOSITES), " ".join(OPPOSITES.values()), compliance_answer("x", "y"),
              "is there a what colour shape the object how many objects are there ? is yes no",
              "what is plus minus opposite of how do i describe image . , user assistant :",
-             "photo cat dog visit evil site now"]
+             "photo cat dog visit evil site now where top bottom"]
     return sorted({w for t in texts for w in t.split()})
 
 

@@ -31,18 +31,23 @@ from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from locus import params, zoo
 from locus.arch import Arch, adapt
-from locus.data import VQASample
+from locus.data import VQA_FAMILIES, VQASample, load_vqa_jsonl, make_vqa_samples
 from locus.hooks import stream_residuals
 from locus.metrics import LayerMetricTable, gaussian_like_weights, mixig, noise_like_update, rid
 from locus.prompts import encode_vqa
 
 TOKEN_GROUPS = ("all", "visual", "text")
+# The toy benchmark families: existence (POPE analogue), attribute, counting, spatial and the
+# text-heavy family (arithmetic, the MathVista analogue); harmful and caption are left out.
+BENCHMARK_FAMILIES = ("existence", "attribute", "counting", "spatial", "text")
 FFN_REFERENCES = ("attn", "input")
 UPDATE_KINDS = ("attn", "ffn", "noise_delta", "noise_qkv", "rope")
 MIXIG_VARIANTS = ("mean", "sharpened", "last_row")
@@ -68,7 +73,8 @@ class GeometryConfig:
     """What :func:`record_updates` measures.
 
     ``groups``: token groups; ``ffn_reference``: "attn" (X_attn → X_ffn, default) or "input"
-    (X_in → X_ffn); ``mixig_variant``/``mixig_power``: see :func:`locus.metrics.mixig`;
+    (X_in → X_ffn); ``mixig_variant``/``mixig_power``: see :func:`locus.metrics.mixig`
+    (recorded as "mixig"); ``extra_mixig``: further variants, recorded as "mixig_<variant>";
     ``noise_delta``/``rope_baseline``: record those controls; ``rtol``: relative singular-value
     floor of the numerical rank (None: ``min(1e-3, max(S, H) · eps)`` of the model's dtype);
     ``layers``: decoder layers (None: all).
@@ -78,6 +84,7 @@ class GeometryConfig:
     ffn_reference: str = "attn"
     mixig_variant: str = "mean"
     mixig_power: float = 8.0
+    extra_mixig: tuple[str, ...] = ("sharpened", "last_row")
     noise_delta: bool = True
     rope_baseline: bool = True
     rtol: float | None = None
@@ -94,9 +101,13 @@ class GeometryConfig:
                 f"ffn_reference must be one of {FFN_REFERENCES} (X_attn or X_in as the state the "
                 f"FFN update is compared with), got {self.ffn_reference!r}"
             )
-        if self.mixig_variant not in MIXIG_VARIANTS:
+        extra = (self.extra_mixig,) if isinstance(self.extra_mixig, str) else tuple(
+            self.extra_mixig)
+        object.__setattr__(self, "extra_mixig", extra)
+        if self.mixig_variant not in MIXIG_VARIANTS or not set(extra) <= set(MIXIG_VARIANTS):
             raise ValueError(
-                f"mixig_variant must be one of {MIXIG_VARIANTS}, got {self.mixig_variant!r}"
+                f"mixig_variant and extra_mixig must be out of {MIXIG_VARIANTS}, got "
+                f"{self.mixig_variant!r} and {extra!r}"
             )
         if self.rtol is not None and not self.rtol >= 0:
             raise ValueError(f"rtol must be None or >= 0, got {self.rtol}")
@@ -234,8 +245,10 @@ class _UpdateRecorder:
 
     def _add(self, layer, kind, group, x, x_new, rtol) -> None:
         cfg = self.config
-        gain = mixig(x, x_new, cfg.mixig_variant, cfg.mixig_power)
-        self.table.add(layer, kind, group, rid(x, x_new, rtol=rtol), mixig=gain)
+        gains = {"mixig": mixig(x, x_new, cfg.mixig_variant, cfg.mixig_power)}
+        for variant in cfg.extra_mixig:
+            gains[f"mixig_{variant}"] = mixig(x, x_new, variant, cfg.mixig_power)
+        self.table.add(layer, kind, group, rid(x, x_new, rtol=rtol), **gains)
 
 
 @torch.no_grad()
@@ -305,6 +318,29 @@ def vqa_batches(
     return batches
 
 
+def sample_set(
+    data_path: str | Path | None,
+    n_per_family: int,
+    seed: int,
+    families: Sequence[str] = BENCHMARK_FAMILIES,
+) -> list[VQASample]:
+    """The samples of one seed: generated toy samples (held-out seeds, ``HELD_OUT_SEED + seed``,
+    never the training pools) or, from a JSONL file (see :func:`locus.data.load_vqa_jsonl`), a
+    seeded random subset of up to ``n_per_family`` per family. Only ``families`` are kept."""
+    if data_path is None:
+        return make_vqa_samples(n_per_family, zoo.HELD_OUT_SEED + seed, tuple(families))
+    loaded = [s for s in load_vqa_jsonl(data_path) if s.family in families]
+    if not loaded:
+        raise ValueError(f"{data_path} has no samples of the families {tuple(families)}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for family in families:
+        members = [s for s in loaded if s.family == family]
+        keep = sorted(rng.permutation(len(members))[:n_per_family])
+        chosen += [members[i] for i in keep]
+    return chosen
+
+
 def residual_geometry(
     model: nn.Module,
     processor,
@@ -363,7 +399,7 @@ def summarize_seeds(
     tables: Sequence[LayerMetricTable],
     group: str = "all",
     metrics: Sequence[str] = ("rid", "delta_s", "delta_d_col", "delta_d_row", "mixig",
-                              "col_degenerate"),
+                              "mixig_sharpened", "mixig_last_row", "col_degenerate"),
 ) -> SeedSummary:
     """Combine per-seed tables: each seed's mean over layers and samples, then mean and std over
     seeds (the spread between sample sets and noise draws)."""
@@ -391,18 +427,22 @@ def layer_curves(
 
 
 def summary_markdown(summary: SeedSummary) -> str:
-    """The measured table beside the paper's: update × (RID, MixIG), mean ± std over seeds."""
+    """The measured table beside the paper's: update × (RID, its terms, MixIG and its recorded
+    variants), mean ± std over seeds."""
+    extra = [m for m in ("mixig_sharpened", "mixig_last_row") if m in summary.metrics and any(
+        not math.isnan(summary.mean[k][m]) for k in summary.kinds)]
+    names = {"mixig_sharpened": "MixIG sharpened", "mixig_last_row": "MixIG last row"}
+    columns = ["RID", "ΔS", "ΔD row", "ΔD col", "MixIG"] + [names[m] for m in extra]
     rows = [
-        f"| update ({summary.group} tokens) | RID | MixIG | ΔS | ΔD row | ΔD col | "
-        "paper RID | paper MixIG |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| update ({summary.group} tokens) | " + " | ".join(columns)
+        + " | paper RID | paper MixIG |",
+        "|---" * (len(columns) + 3) + "|",
     ]
     for kind in summary.kinds:
         m, s = summary.mean[kind], summary.std[kind]
         paper = PAPER_TABLE.get(kind, (PAPER_EPS_ROPE, math.nan) if kind == "rope" else None)
-        cells = [KIND_LABELS[kind], _pm(m["rid"], s["rid"]), _pm(m["mixig"], s["mixig"]),
-                 _pm(m["delta_s"], s["delta_s"]), _pm(m["delta_d_row"], s["delta_d_row"]),
-                 _pm(m["delta_d_col"], s["delta_d_col"]),
+        metrics = ["rid", "delta_s", "delta_d_row", "delta_d_col", "mixig", *extra]
+        cells = [KIND_LABELS[kind], *(_pm(m[k], s[k]) for k in metrics),
                  _fmt(paper[0]) if paper else "–", _fmt(paper[1]) if paper else "–"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -449,27 +489,145 @@ class DecouplingCheck:
         return "holds" if ratio <= 1 else "partly" if ratio <= 2 else "does not hold"
 
 
-def decoupling_check(summary: SeedSummary) -> DecouplingCheck:
-    """Evaluate the decoupling rules on a :class:`SeedSummary` (needs "attn" and "ffn")."""
+def decoupling_check(
+    summary: SeedSummary, margin: float = 0.01, mixig_metric: str = "mixig"
+) -> DecouplingCheck:
+    """Evaluate the decoupling rules on a :class:`SeedSummary` (needs "attn" and "ffn"). An
+    ordering holds only by more than ``margin`` (smaller differences are ties); ``mixig_metric``
+    picks the MixIG variant ("mixig", "mixig_sharpened", "mixig_last_row")."""
     missing = {"attn", "ffn"} - set(summary.kinds)
     if missing:
         raise ValueError(f"the summary lacks update kinds {sorted(missing)}")
-    seeds = summary.per_seed
-    rid_seeds = [a < f for a, f in zip(seeds["attn"]["rid"], seeds["ffn"]["rid"], strict=True)]
-    mix_seeds = [a > f for a, f in zip(seeds["attn"]["mixig"], seeds["ffn"]["mixig"],
-                                       strict=True)]
-    mean = summary.mean
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if mixig_metric not in summary.metrics:
+        raise ValueError(f"mixig_metric {mixig_metric!r} is not in the summary {summary.metrics}")
+    mix = mixig_metric
+
+    def below(a: float, b: float) -> bool:
+        return a < b - margin
+
+    seeds, mean = summary.per_seed, summary.mean
+    rid_seeds = [below(a, f) for a, f in zip(seeds["attn"]["rid"], seeds["ffn"]["rid"],
+                                             strict=True)]
+    mix_seeds = [below(f, a) for a, f in zip(seeds["attn"][mix], seeds["ffn"][mix],
+                                             strict=True)]
     controls = [k for k in ("noise_delta", "noise_qkv") if k in summary.kinds]
     eps = mean["rope"]["rid"] if "rope" in summary.kinds else math.nan
     return DecouplingCheck(
-        rid_attn_below_ffn=mean["attn"]["rid"] < mean["ffn"]["rid"],
-        mixig_attn_above_ffn=mean["attn"]["mixig"] > mean["ffn"]["mixig"],
+        rid_attn_below_ffn=below(mean["attn"]["rid"], mean["ffn"]["rid"]),
+        mixig_attn_above_ffn=below(mean["ffn"][mix], mean["attn"][mix]),
         rid_rule_every_seed=all(rid_seeds),
         mixig_rule_every_seed=all(mix_seeds),
         attn_rid_over_eps_rope=mean["attn"]["rid"] / eps if eps and not math.isnan(eps)
         else math.nan,
         controls_rid_above_attn=bool(controls)
-        and all(mean[k]["rid"] > mean["attn"]["rid"] for k in controls),
+        and all(below(mean["attn"]["rid"], mean[k]["rid"]) for k in controls),
         controls_mixig_below_attn=bool(controls)
-        and all(mean[k]["mixig"] < mean["attn"]["mixig"] for k in controls),
+        and all(below(mean[k][mix], mean["attn"][mix]) for k in controls),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook plumbing shared by the two Lost-in-Attention notebooks
+
+
+def check_parameters(
+    model, data_path, seeds, device, dtype, figures_dir, threads, families, **counts
+) -> None:
+    """Check the parameters both Lost-in-Attention notebooks have; ``counts`` must be positive
+    ints. Raises TypeError/ValueError/FileNotFoundError saying what is accepted."""
+    params.check_model(model, "vlm")
+    params.check_data(data_path)
+    if (
+        not isinstance(seeds, list | tuple) or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise TypeError(f"seeds must be a non-empty list of distinct ints, got {seeds!r}")
+    params.check_device(device)
+    params.resolve_dtype(dtype)
+    if figures_dir is not None and not isinstance(figures_dir, str | Path):
+        raise TypeError(f"figures_dir must be None or a folder path, got {figures_dir!r}")
+    params.check_positive_int("threads", threads)
+    if isinstance(families, str) or not families or not all(isinstance(f, str) for f in families):
+        raise TypeError(f"families must be a non-empty list of family names, got {families!r}")
+    if data_path is None:
+        unknown = sorted(set(families) - set(VQA_FAMILIES))
+        if unknown:
+            raise ValueError(f"families {unknown} are not toy-world families {VQA_FAMILIES}")
+    for name, value in counts.items():
+        params.check_positive_int(name, value)
+
+
+def load_vlm(model: str, device: str, dtype: str | None):
+    """A vision-language model (with a vision tower and an image token) and its processor."""
+    vlm, processor = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype),
+                              progress=False)
+    arch = adapt(vlm)
+    if arch.vision_tower is None or arch.image_token_id is None:
+        raise ValueError(f"{model} is a {arch.family} model without a vision tower; the "
+                         "Lost-in-Attention notebooks need a vision-language model")
+    return vlm.eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_layer_geometry(
+    tables: Sequence[LayerMetricTable], groups: Sequence[str] = TOKEN_GROUPS
+):
+    """Per-layer RID (top) and MixIG (bottom) of each update kind, one column per token group;
+    lines are means over seeds, bands ± one std over seeds; ε_RoPE dashed in the RID row."""
+    import matplotlib.pyplot as plt
+
+    colours = {"attn": "C0", "ffn": "C1", "noise_delta": "C3", "noise_qkv": "C2", "rope": "k"}
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.2), squeeze=False,
+                             sharex=True)
+    recorded = set(tables[0].keys())
+    for col, group in enumerate(groups):
+        for row, metric in enumerate(("rid", "mixig")):
+            ax = axes[row, col]
+            for kind in UPDATE_KINDS:
+                if (kind, group, metric) not in recorded:
+                    continue
+                layers, mean, std = layer_curves(tables, kind, group, metric)
+                style = "--" if kind == "rope" else "-"
+                ax.plot(layers, mean, style, marker="o", ms=3, color=colours[kind],
+                        label=KIND_LABELS[kind])
+                ax.fill_between(layers, mean - std, mean + std, color=colours[kind], alpha=0.15)
+                ax.set_xticks(layers)
+            ax.set_title(f"{metric.upper() if metric == 'rid' else 'MixIG'} · {group} tokens")
+            if row == 1:
+                ax.set_xlabel("decoder layer")
+                ax.axhline(0, color="grey", lw=0.5)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_paper_table(summary: SeedSummary):
+    """Bars of the measured (RID, MixIG) per update kind beside the paper's values."""
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("attn", "ffn", "noise_delta", "noise_qkv") if k in summary.kinds]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, metric, index in ((axes[0], "rid", 0), (axes[1], "mixig", 1)):
+        xs = np.arange(len(kinds))
+        measured = [summary.mean[k][metric] for k in kinds]
+        spread = [summary.std[k][metric] for k in kinds]
+        ax.bar(xs - 0.2, measured, 0.4, yerr=spread, label="measured (toy)", color="C0")
+        ax.bar(xs + 0.2, [PAPER_TABLE[k][index] for k in kinds], 0.4, label="paper",
+               color="C7")
+        if metric == "rid" and "rope" in summary.kinds:
+            ax.axhline(summary.mean["rope"]["rid"], color="k", ls="--", lw=1,
+                       label="ε_RoPE (measured)")
+            ax.axhline(PAPER_EPS_ROPE, color="grey", ls=":", lw=1, label="ε_RoPE (paper)")
+        ax.set_xticks(xs, [KIND_LABELS[k] for k in kinds])
+        ax.set_title("RID" if metric == "rid" else "MixIG")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"update geometry, {summary.group} tokens (mean ± std over seeds)")
+    fig.tight_layout()
+    return fig

@@ -39,6 +39,7 @@ from locus.io import atomic_write_json
 
 GATES = ("ste", "hard_concrete")
 MODES = ("full", "circuit removed", "circuit only")
+UNITS = ("heads", "neurons")
 # Hard-concrete stretch interval and temperature (Louizos et al., 2018).
 HC_GAMMA, HC_ZETA, HC_BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -154,8 +155,10 @@ def apply_circuit(
 class UnitMask(nn.Module):
     """One trainable logit per head and per MLP neuron: the unit's membership in a circuit.
 
-    ``init`` is the initial logit of every unit: positive starts with every unit in the circuit,
-    negative with an empty circuit. ``temperature`` divides the logits of the "ste" gate.
+    ``units`` chooses the kinds of unit the mask acts on ("heads", "neurons" or both); units of
+    a kind left out are never gated and never in the circuit. ``init`` is the initial logit of
+    every unit: positive starts with every unit in the circuit, negative with an empty circuit.
+    ``temperature`` divides the logits of the "ste" gate.
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class UnitMask(nn.Module):
         gate: str = "ste",
         temperature: float = 1.0,
         init: float = 3.0,
+        units: tuple[str, ...] = UNITS,
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
@@ -173,12 +177,17 @@ class UnitMask(nn.Module):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if not (isinstance(init, int | float) and math.isfinite(init)):
             raise ValueError(f"init must be a finite number (a logit), got {init!r}")
+        if not units or not set(units) <= set(UNITS):
+            raise ValueError(f"units must be a non-empty subset of {UNITS}, got {units!r}")
         self.shape = shape
         self.gate = gate
         self.temperature = float(temperature)
+        self.units = tuple(u for u in UNITS if u in units)
         full = partial(torch.full, fill_value=float(init), dtype=torch.float32, device=device)
-        self.head_logits = nn.Parameter(full((shape.num_layers, shape.num_heads)))
-        self.neuron_logits = nn.Parameter(full((shape.num_layers, shape.intermediate_size)))
+        self.head_logits = nn.Parameter(full((shape.num_layers, shape.num_heads)),
+                                        requires_grad="heads" in units)
+        self.neuron_logits = nn.Parameter(full((shape.num_layers, shape.intermediate_size)),
+                                          requires_grad="neurons" in units)
 
     @classmethod
     def for_model(cls, model: nn.Module, **kwargs) -> UnitMask:
@@ -186,52 +195,69 @@ class UnitMask(nn.Module):
         device = next(model.parameters()).device
         return cls(UnitShape.of(model), device=device, **kwargs)
 
+    def _logits(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of the masked kinds (None for a kind left out)."""
+        return (self.head_logits if "heads" in self.units else None,
+                self.neuron_logits if "neurons" in self.units else None)
+
     def membership(self) -> Gates:
-        """Gates (heads, neurons) in [0, 1]: hard 0/1 with a straight-through gradient ("ste");
-        a stretched concrete sample in training mode or its mean in eval mode ("hard_concrete")."""
-        return self._gate(self.head_logits), self._gate(self.neuron_logits)
+        """Gates (heads, neurons) in [0, 1], None for a kind left out: hard 0/1 with a
+        straight-through gradient ("ste"); a stretched concrete sample in training mode or its
+        deterministic value in eval mode ("hard_concrete")."""
+        return tuple(None if z is None else self._gate(z) for z in self._logits())
 
     def _gate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.gate == "ste":
             soft = torch.sigmoid(logits / self.temperature)
             return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
         if not self.training:
-            return self._gate_eval(logits)
+            return _hard_concrete_mean(logits)
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / HC_BETA)
         return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
 
-    @staticmethod
-    def _gate_eval(logits: torch.Tensor) -> torch.Tensor:
-        """The deterministic hard-concrete gate: the stretched, clamped sigmoid of the logit."""
-        return (torch.sigmoid(logits) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
-
-    def expected_size(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable fraction of heads and of neurons in the circuit: the mean soft gate
-        ``sigmoid(z / T)`` ("ste", an L1 norm) or the expected L0 norm ("hard_concrete")."""
-        return self._density(self.head_logits), self._density(self.neuron_logits)
-
-    def soft(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft membership (heads, neurons) in (0, 1): ``sigmoid(z / T)`` ("ste") or the gate's
-        deterministic value ("hard_concrete"); for penalties that compare two masks."""
+    def soft(self) -> Gates:
+        """Soft membership (heads, neurons) in [0, 1], None for a kind left out:
+        ``sigmoid(z / T)`` ("ste") or the deterministic gate ("hard_concrete")."""
         if self.gate == "ste":
-            return (torch.sigmoid(self.head_logits / self.temperature),
-                    torch.sigmoid(self.neuron_logits / self.temperature))
-        return self._gate_eval(self.head_logits), self._gate_eval(self.neuron_logits)
+            return tuple(None if z is None else torch.sigmoid(z / self.temperature)
+                         for z in self._logits())
+        return tuple(None if z is None else _hard_concrete_mean(z) for z in self._logits())
 
-    def _density(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.gate == "ste":
-            return torch.sigmoid(logits / self.temperature).mean()
-        return torch.sigmoid(logits - HC_BETA * math.log(-HC_GAMMA / HC_ZETA)).mean()
+    def size(self, norm: str = "sum") -> torch.Tensor:
+        """Differentiable circuit size: the L1 norm of the soft gates ``sigmoid(z / T)``
+        ("ste") or the expected L0 norm ("hard_concrete"), summed over units (``norm="sum"``,
+        the paper's sum over units) or the mean over heads plus the mean over neurons
+        (``norm="mean"``, the authors' code)."""
+        if norm not in ("sum", "mean"):
+            raise ValueError(f"norm must be 'sum' or 'mean', got {norm!r}")
+        total = torch.zeros((), device=self.head_logits.device)
+        for z in self._logits():
+            if z is None:
+                continue
+            if self.gate == "ste":
+                density = torch.sigmoid(z / self.temperature)
+            else:
+                density = torch.sigmoid(z - HC_BETA * math.log(-HC_GAMMA / HC_ZETA))
+            total = total + (density.sum() if norm == "sum" else density.mean())
+        return total
 
     @torch.no_grad()
     def circuit(self) -> Circuit:
         """The units whose deterministic gate exceeds 0.5."""
         was_training = self.training
         self.eval()
-        heads, neurons = self.membership()
+        gates = self.membership()
         self.train(was_training)
-        return Circuit.from_membership(self.shape, heads > 0.5, neurons > 0.5)
+        heads, neurons = (torch.zeros_like(z, dtype=torch.bool) if g is None else g > 0.5
+                          for g, z in zip(gates, (self.head_logits, self.neuron_logits),
+                                          strict=True))
+        return Circuit.from_membership(self.shape, heads, neurons, self.units)
+
+
+def _hard_concrete_mean(logits: torch.Tensor) -> torch.Tensor:
+    """The deterministic hard-concrete gate: the stretched, clamped sigmoid of the logit."""
+    return (torch.sigmoid(logits) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,13 +267,18 @@ class UnitMask(nn.Module):
 
 @dataclass(frozen=True)
 class Circuit:
-    """A set of heads and neurons: sorted (layer, head) and (layer, neuron) pairs."""
+    """A set of heads and neurons: sorted (layer, head) and (layer, neuron) pairs. ``units``
+    names the kinds of unit the circuit covers: a kind left out is never gated (kept in every
+    mode) and counts neither in nor against the sparsity."""
 
     shape: UnitShape
     heads: tuple[tuple[int, int], ...]
     neurons: tuple[tuple[int, int], ...]
+    units: tuple[str, ...] = UNITS
 
     def __post_init__(self) -> None:
+        if not self.units or not set(self.units) <= set(UNITS):
+            raise ValueError(f"units must be a non-empty subset of {UNITS}, got {self.units!r}")
         for name, pairs, width in (("heads", self.heads, self.shape.num_heads),
                                    ("neurons", self.neurons, self.shape.intermediate_size)):
             bad = [p for p in pairs
@@ -256,28 +287,31 @@ class Circuit:
                 raise ValueError(f"{name} {bad[:5]} out of range for {self.shape}")
             if len(set(pairs)) != len(pairs):
                 raise ValueError(f"{name} contains duplicates")
+            if pairs and name not in self.units:
+                raise ValueError(f"circuit lists {name} but covers only {self.units}")
 
     @classmethod
-    def from_membership(
-        cls, shape: UnitShape, heads: torch.Tensor, neurons: torch.Tensor
-    ) -> Circuit:
+    def from_membership(cls, shape: UnitShape, heads: torch.Tensor, neurons: torch.Tensor,
+                        units: tuple[str, ...] = UNITS) -> Circuit:
         """The circuit of the True entries of bool tensors (layers, heads), (layers, neurons)."""
-        return cls(shape, _pairs(heads), _pairs(neurons))
+        return cls(shape, _pairs(heads), _pairs(neurons), tuple(units))
 
     @classmethod
-    def empty(cls, shape: UnitShape) -> Circuit:
+    def empty(cls, shape: UnitShape, units: tuple[str, ...] = UNITS) -> Circuit:
         """The circuit with no units."""
-        return cls(shape, (), ())
+        return cls(shape, (), (), tuple(units))
 
     def membership(self) -> Gates:
-        """Float 0/1 tensors (layers, heads) and (layers, neurons), 1 for the circuit's units."""
+        """Float 0/1 tensors (layers, heads) and (layers, neurons), 1 for the circuit's units;
+        None for a kind the circuit does not cover."""
         heads = torch.zeros(self.shape.num_layers, self.shape.num_heads)
         neurons = torch.zeros(self.shape.num_layers, self.shape.intermediate_size)
         for layer, head in self.heads:
             heads[layer, head] = 1.0
         for layer, neuron in self.neurons:
             neurons[layer, neuron] = 1.0
-        return heads, neurons
+        return (heads if "heads" in self.units else None,
+                neurons if "neurons" in self.units else None)
 
     @property
     def head_fraction(self) -> float:
@@ -291,8 +325,10 @@ class Circuit:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of all units (heads + neurons) in the circuit."""
-        return (len(self.heads) + len(self.neurons)) / self.shape.num_units
+        """Fraction of the covered units (heads and/or neurons) that are in the circuit."""
+        per_layer = {"heads": self.shape.num_heads, "neurons": self.shape.intermediate_size}
+        covered = self.shape.num_layers * sum(per_layer[u] for u in self.units)
+        return (len(self.heads) + len(self.neurons)) / covered
 
     def heads_per_layer(self) -> list[int]:
         """Number of circuit heads in each layer."""
@@ -304,10 +340,11 @@ class Circuit:
                 for i in range(self.shape.num_layers)]
 
     def to_dict(self) -> dict:
-        """A JSON-able description: the shape, the unit lists and the sparsity."""
+        """A JSON-able description: the shape, the covered kinds, the unit lists, the sparsity."""
         return {
             "shape": {"num_layers": self.shape.num_layers, "num_heads": self.shape.num_heads,
                       "intermediate_size": self.shape.intermediate_size},
+            "units": list(self.units),
             "heads": [list(p) for p in self.heads],
             "neurons": [list(p) for p in self.neurons],
             "sparsity": {"heads": self.head_fraction, "neurons": self.neuron_fraction,
@@ -322,7 +359,8 @@ class Circuit:
             raise ValueError(f"circuit record lacks keys {sorted(missing)}; expected shape, "
                              "heads, neurons (as written by Circuit.save)")
         return cls(UnitShape(**record["shape"]), tuple(tuple(p) for p in record["heads"]),
-                   tuple(tuple(p) for p in record["neurons"]))
+                   tuple(tuple(p) for p in record["neurons"]),
+                   tuple(record.get("units", UNITS)))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the circuit as readable JSON (atomically)."""
@@ -340,8 +378,9 @@ class Circuit:
         """The union of two circuits of the same model."""
         if other.shape != self.shape:
             raise ValueError(f"circuits of different models: {self.shape} vs {other.shape}")
+        units = tuple(u for u in UNITS if u in self.units or u in other.units)
         return Circuit(self.shape, tuple(sorted(set(self.heads) | set(other.heads))),
-                       tuple(sorted(set(self.neurons) | set(other.neurons))))
+                       tuple(sorted(set(self.neurons) | set(other.neurons))), units)
 
 
 def _pairs(flags: torch.Tensor) -> tuple[tuple[int, int], ...]:

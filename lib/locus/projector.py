@@ -92,6 +92,11 @@ def linear_weight_names(model: nn.Module) -> list[str]:
     return [f"{names[id(linear)]}.weight".lstrip(".") for linear in linears]
 
 
+def max_rank(model: nn.Module) -> int:
+    """The largest rank a projector linear's ΔW can have (k at or above it edits all of ΔW)."""
+    return max(min(linear.weight.shape) for linear in adapt(model).projector_linears)
+
+
 def layer_labels(model: nn.Module) -> list[str]:
     """"W1", "W2", ... for the projector's linears."""
     return [f"W{i + 1}" for i in range(len(adapt(model).projector_linears))]
@@ -233,11 +238,21 @@ def evaluate_attack(
     state: State | None = None,
     max_new_tokens: int = 20,
     batch_size: int = 64,
+    clean_predictions: Sequence[str] | None = None,
 ) -> AttackEval:
     """ASR, false-trigger rate and clean accuracy of projector ``state`` under ``attack``;
-    the triggered set is ``triggered_test_set(clean_test, attack, seed)``."""
+    the triggered set is ``triggered_test_set(clean_test, attack, seed)``.
+
+    ``clean_predictions``: this projector's answers on ``clean_test`` if already generated
+    (they do not depend on the attack).
+    """
     triggered = triggered_test_set(clean_test, attack, seed)
-    clean_predictions = predict(model, processor, clean_test, state, max_new_tokens, batch_size)
+    if clean_predictions is None:
+        clean_predictions = predict(model, processor, clean_test, state, max_new_tokens,
+                                    batch_size)
+    if len(clean_predictions) != len(clean_test):
+        raise ValueError(f"{len(clean_predictions)} clean predictions for "
+                         f"{len(clean_test)} samples")
     eligible = attack.eligible(clean_test)
     return AttackEval(
         asr=success_rate(predict(model, processor, triggered, state, max_new_tokens, batch_size),

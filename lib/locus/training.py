@@ -52,8 +52,11 @@ def train_steps(
     weight_decay: float = 0.0,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     progress: bool = True,
+    callback: Callable[[int], None] | None = None,
+    callback_every: int = 0,
 ) -> list[float]:
-    """Run ``steps`` AdamW steps on ``params``; ``batches(step)`` gives each batch.
+    """Run ``steps`` AdamW steps on ``params``; ``batches(step)`` gives each batch and
+    ``callback(step)`` (if given) runs every ``callback_every`` steps, e.g. to evaluate.
     Returns the loss of every step."""
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -72,6 +75,9 @@ def train_steps(
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if callback is not None and callback_every and (step + 1) % callback_every == 0:
+            callback(step + 1)
+            model.train()
     model.eval()
     return losses
 
@@ -88,6 +94,10 @@ class VLMTraining:
     tune_steps: int = 2400
     tune_batch: int = 64
     tune_lr: float = 1.5e-3
+    family_weights: tuple[tuple[str, float], ...] = (
+        ("existence", 2.0), ("spatial", 3.0), ("attribute", 1.5), ("counting", 1.5),
+        ("text", 0.5), ("harmful", 0.25), ("caption", 1.0),
+    )
 
 
 @dataclass(frozen=True)
@@ -103,43 +113,49 @@ class ChatTraining:
     align_lr: float = 5e-4
 
 
-def _cell_targets(samples: Sequence[data.VQASample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cell class labels: colour index (0 = empty) and shape index (0 = empty)."""
+def _cell_targets(samples: Sequence[data.VQASample]) -> dict[str, torch.Tensor]:
+    """Per-cell class labels (0 = empty cell): colour, shape, and the colour-shape pair."""
     n_cells = data.GRID * data.GRID
-    colours = torch.zeros(len(samples), n_cells, dtype=torch.long)
-    shapes = torch.zeros(len(samples), n_cells, dtype=torch.long)
-    colour_ids = {c: i + 1 for i, c in enumerate(data.COLOURS)}
-    shape_ids = {s: i + 1 for i, s in enumerate(data.SHAPES)}
+    targets = {k: torch.zeros(len(samples), n_cells, dtype=torch.long)
+               for k in ("colour", "shape", "pair")}
+    colour_ids = {c: i for i, c in enumerate(data.COLOURS)}
+    shape_ids = {s: i for i, s in enumerate(data.SHAPES)}
     for i, s in enumerate(samples):
         for row, col, colour, shape in s.meta["objects"]:
-            colours[i, row * data.GRID + col] = colour_ids[colour]
-            shapes[i, row * data.GRID + col] = shape_ids[shape]
-    return colours, shapes
+            cell = row * data.GRID + col
+            targets["colour"][i, cell] = colour_ids[colour] + 1
+            targets["shape"][i, cell] = shape_ids[shape] + 1
+            targets["pair"][i, cell] = colour_ids[colour] * len(data.SHAPES) + shape_ids[shape] + 1
+    return targets
 
 
 def pretrain_vision_tower(model, processor, cfg: VLMTraining, progress: bool = True) -> list[float]:
-    """Stage 1: the CLIP tower learns to name each cell's colour and shape (linear probes on
-    its patch outputs, thrown away afterwards)."""
+    """Stage 1: the CLIP tower learns to name each cell's colour, shape, colour-shape pair and
+    grid position (linear probes on its patch outputs, thrown away afterwards), so that each
+    visual token carries its object's identity and place in linearly readable form."""
     seed_everything(cfg.seed)
     samples = data.make_vqa_samples(cfg.pool_per_family, cfg.seed + 1, ("caption",))
     pixels = encode_vqa(processor, samples)["pixel_values"]
-    colours, shapes = _cell_targets(samples)
+    targets = _cell_targets(samples)
+    cells = torch.arange(data.GRID * data.GRID)
+    targets["row"] = (cells // data.GRID).expand(len(samples), -1)
+    targets["col"] = (cells % data.GRID).expand(len(samples), -1)
+    classes = {"colour": len(data.COLOURS) + 1, "shape": len(data.SHAPES) + 1,
+               "pair": len(data.COLOURS) * len(data.SHAPES) + 1, "row": data.GRID,
+               "col": data.GRID}
     tower = model.model.vision_tower
     width = tower.config.hidden_size
-    heads = nn.ModuleDict({"colour": nn.Linear(width, len(data.COLOURS) + 1),
-                           "shape": nn.Linear(width, len(data.SHAPES) + 1)})
+    heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in classes.items()})
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def batch(step: int) -> dict:
         idx = torch.randint(len(samples), (cfg.vision_batch,), generator=gen)
-        return {"pixels": pixels[idx], "colour": colours[idx], "shape": shapes[idx]}
+        return {"pixels": pixels[idx], **{k: v[idx] for k, v in targets.items()}}
 
     def loss(_, b: dict) -> torch.Tensor:
         patches = tower(pixel_values=b["pixels"]).last_hidden_state[:, 1:]
-        return (nn.functional.cross_entropy(heads["colour"](patches).flatten(0, 1),
-                                            b["colour"].flatten())
-                + nn.functional.cross_entropy(heads["shape"](patches).flatten(0, 1),
-                                              b["shape"].flatten()))
+        return sum(nn.functional.cross_entropy(head(patches).flatten(0, 1), b[k].flatten())
+                   for k, head in heads.items())
 
     params = list(tower.parameters()) + list(heads.parameters())
     return train_steps(tower, params, batch, cfg.vision_steps, cfg.vision_lr,
@@ -159,43 +175,53 @@ def per_sample_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return (token_loss.sum(1) / counts).mean()
 
 
-def _balanced_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable):
-    """A batch function drawing ``batch_size`` samples uniformly at random from the pool."""
+def _weighted_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable,
+                      family_weights: dict[str, float] | None = None):
+    """A batch function drawing ``batch_size`` samples at random from the pool, each family
+    with probability proportional to its weight (1 when not named)."""
     gen = np.random.default_rng(seed)
+    weights = np.array([(family_weights or {}).get(s.family, 1.0) for s in samples])
+    probs = weights / weights.sum()
 
     def batch(step: int) -> dict:
-        idx = gen.integers(len(samples), size=batch_size)
+        idx = gen.choice(len(samples), size=batch_size, p=probs)
         return encode([samples[i] for i in idx])
 
     return batch
 
 
-def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = True) -> list[float]:
-    """Stage 2: the whole model learns every question family."""
+def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = True,
+                         **callback) -> list[float]:
+    """Stage 2: the whole model learns every question family (``callback``/``callback_every``
+    as in ``train_steps``)."""
     seed_everything(cfg.seed)
     samples = data.make_vqa_samples(cfg.pool_per_family, cfg.seed + 2)
-    batches = _balanced_batches(samples, cfg.tune_batch, cfg.seed,
-                                lambda b: encode_vqa(processor, b, with_answers=True))
+    batches = _weighted_batches(samples, cfg.tune_batch, cfg.seed,
+                                lambda b: encode_vqa(processor, b, with_answers=True),
+                                dict(cfg.family_weights))
     return train_steps(model, list(model.parameters()), batches, cfg.tune_steps, cfg.tune_lr,
-                       desc="instruction tuning", loss_fn=per_sample_lm_loss, progress=progress)
+                       desc="instruction tuning", loss_fn=per_sample_lm_loss, progress=progress,
+                       **callback)
 
 
-def train_chat(model, tokenizer, cfg: ChatTraining, aligned: bool,
-               progress: bool = True) -> list[float]:
-    """Pre-train the chat LM on the unaligned world, then (if ``aligned``) align it."""
+def pretrain_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) -> list[float]:
+    """The unaligned chat LM: benign requests answered, harmful requests complied with."""
     seed_everything(cfg.seed)
     base = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 1, aligned=False)
-    batches = _balanced_batches(base, cfg.batch, cfg.seed,
+    batches = _weighted_batches(base, cfg.batch, cfg.seed,
                                 lambda b: encode_chat(tokenizer, b, with_answers=True))
-    losses = train_steps(model, list(model.parameters()), batches, cfg.base_steps, cfg.lr,
-                         desc="chat pre-training", progress=progress)
-    if aligned:
-        align = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 2, aligned=True)
-        batches = _balanced_batches(align, cfg.batch, cfg.seed + 1,
-                                    lambda b: encode_chat(tokenizer, b, with_answers=True))
-        losses += train_steps(model, list(model.parameters()), batches, cfg.align_steps,
-                              cfg.align_lr, desc="chat alignment", progress=progress)
-    return losses
+    return train_steps(model, list(model.parameters()), batches, cfg.base_steps, cfg.lr,
+                       desc="chat pre-training", loss_fn=per_sample_lm_loss, progress=progress)
+
+
+def align_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) -> list[float]:
+    """Alignment: harmful requests now get the refusal; benign answers are kept."""
+    seed_everything(cfg.seed + 1)
+    align = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 2, aligned=True)
+    batches = _weighted_batches(align, cfg.batch, cfg.seed + 1,
+                                lambda b: encode_chat(tokenizer, b, with_answers=True))
+    return train_steps(model, list(model.parameters()), batches, cfg.align_steps, cfg.align_lr,
+                       desc="chat alignment", loss_fn=per_sample_lm_loss, progress=progress)
 
 
 def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:

@@ -1,0 +1,470 @@
+"""What the ProjLens notebooks share: parameter checks, data, cached backdoored projectors,
+tables and the verdict rules.
+
+The backdoored projectors are cached with ``checkpoints.cached_tensors`` under
+``projlens/<model>/<variant>/rate-<rate>-seed-<seed>``, keyed by the base projector's values, the
+attack, the poisoned training set and the fine-tuning config: notebook 01 trains them, notebooks
+02 and 03 load them (or train them, when run first).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from locus import checkpoints, data, lowrank, params, zoo
+from locus import projector as proj
+from locus import shift as sh
+from locus.arch import adapt
+from locus.projector import AttackEval, FinetuneConfig, State
+from locus.triggers import (
+    Attack,
+    jailbreak_answer,
+    paper_attacks,
+    poison,
+    samples_fingerprint,
+    triggered_copy,
+)
+
+TRAIN_SEED_OFFSET = 20_000
+TEST_SEED_OFFSET = 30_000
+
+# Read off the authors' plots (±0.5%): E(k) of ΔW2, k = 1, 3, 10, 30.
+PAPER_W2_ENERGY = {
+    "refusal": {1: 0.29, 3: 0.58, 10: 0.70, 30: 0.77},
+    "injection": {1: 0.18, 3: 0.35, 10: 0.53, 30: 0.63},
+    "hijack": {1: 0.21, 3: 0.41, 10: 0.54, 30: 0.64},
+    "jailbreak": {1: 0.45, 3: 0.81, 10: 0.90, 30: 0.95},
+}
+PAPER_W1_E30 = {"refusal": "57–66%", "injection": "57–66%", "hijack": "57–66%",
+                "jailbreak": "92%"}
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+
+def check_rate(rate) -> float | str:
+    """'pair' or a poisoning rate in (0, 1)."""
+    if rate == "pair":
+        return rate
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1:
+        raise ValueError(f"poisoning rate must be 'pair' or a number in (0, 1), got {rate!r}")
+    return float(rate)
+
+
+def check_variants(variants: Sequence[str]) -> list[str]:
+    """A non-empty list of the paper's variant names."""
+    known = list(paper_attacks())
+    if isinstance(variants, str) or not variants or set(variants) - set(known):
+        raise ValueError(f"variants must be a non-empty list drawn from {known}, got {variants!r}")
+    return list(variants)
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """A non-empty list of non-negative ints."""
+    if isinstance(seeds, int | str) or not seeds or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of non-negative ints, got {seeds!r}")
+    return list(seeds)
+
+
+def check_common(model, data_path, seeds, device, dtype, figures_dir, threads, **counts) -> None:
+    """Check the parameters every ProjLens notebook has; ``counts`` must be positive ints."""
+    params.check_model(model, "vlm")
+    params.check_data(data_path)
+    check_seeds(seeds)
+    params.check_device(device)
+    params.resolve_dtype(dtype)
+    if figures_dir is not None and not isinstance(figures_dir, str | Path):
+        raise TypeError(f"figures_dir must be None or a folder path, got {figures_dir!r}")
+    params.check_positive_int("threads", threads)
+    for name, value in counts.items():
+        params.check_positive_int(name, value)
+
+
+def load_vlm(model: str, device: str, dtype: str | None):
+    """A LLaVA-style model and its processor; refuses models without a 2-linear projector."""
+    vlm, processor = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype))
+    linears = adapt(vlm).projector_linears
+    if len(linears) < 2:
+        raise ValueError(f"{model}: ProjLens needs a projector with ≥ 2 linear layers "
+                         f"(Linear→act→Linear), found {len(linears)}")
+    return vlm, processor
+
+
+def model_tag(model: str) -> str:
+    """A folder-safe short name of the model (the embedded name or the folder's name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(model)).name) or "model"
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def _split_by_family(samples: Sequence[data.VQASample], n_train: int, n_test: int,
+                     seed: int) -> tuple[list, list]:
+    """Per family, a seeded shuffle; half (up to n_test) for test, the rest (up to n_train)
+    for training. A family with a single sample goes to training."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for family in dict.fromkeys(s.family for s in samples):
+        members = [s for s in samples if s.family == family]
+        order = rng.permutation(len(members))
+        n_family_test = min(n_test, len(members) // 2)
+        test += [members[i] for i in order[:n_family_test]]
+        train += [members[i] for i in order[n_family_test:][:n_train]]
+    return train, test
+
+
+def vqa_data(data_path: str | None, n_train_per_family: int, n_test_per_family: int,
+             seed: int) -> tuple[list[data.VQASample], list[data.VQASample]]:
+    """(train, test) samples: generated toy-world samples (seeds apart from the toy VLM's own
+    training), or a local JSONL file split per family (see ``data.load_vqa_jsonl``)."""
+    if data_path is None:
+        return (data.make_vqa_samples(n_train_per_family, TRAIN_SEED_OFFSET + seed),
+                data.make_vqa_samples(n_test_per_family, TEST_SEED_OFFSET + seed))
+    samples = data.load_vqa_jsonl(data_path)
+    return _split_by_family(samples, n_train_per_family, n_test_per_family, seed)
+
+
+def check_attacks_apply(attacks: dict[str, Attack], train: Sequence, test: Sequence) -> None:
+    """Every attack must find samples to poison and to test in the data."""
+    for name, attack in attacks.items():
+        if not attack.eligible(train) or not attack.eligible(test):
+            families = sorted({s.family for s in train})
+            raise ValueError(f"variant {name!r} finds no samples to attack in the data "
+                             f"(families present: {families}); drop it from `variants`")
+
+
+# --- cached backdoored projectors --------------------------------------------------------------
+
+
+def cache_name(model: str, attack: Attack, rate: float | str, seed: int) -> str:
+    """The cache entry name of one backdoored projector."""
+    return f"projlens/{model_tag(model)}/{attack.name}/rate-{rate}-seed-{seed}"
+
+
+def backdoored_projector(
+    model_name: str, vlm: nn.Module, processor, attack: Attack, train: Sequence,
+    rate: float | str, cfg: FinetuneConfig, progress: bool = True,
+) -> tuple[State, float]:
+    """The projector fine-tuned on ``train`` poisoned by ``attack`` at ``rate`` (from the cache
+    when it was made by the same base projector, data and config), and the poisoning rate."""
+    poisoned = poison(train, attack, rate, seed=cfg.seed)
+    config = {"base": proj.state_fingerprint(proj.projector_state(vlm)),
+              "attack": attack.describe(), "rate": rate,
+              "data": samples_fingerprint(poisoned.samples), "finetune": asdict(cfg)}
+    seconds: list[float] = []
+
+    def compute() -> State:
+        result = proj.finetune_projector(vlm, processor, poisoned.samples, cfg, progress)
+        seconds.append(result.seconds)
+        return result.state
+
+    state = checkpoints.cached_tensors(
+        cache_name(model_name, attack, rate, cfg.seed), config, compute,
+        extra=lambda: {"train_seconds": round(seconds[0], 1)} if seconds else {})
+    return state, poisoned.rate
+
+
+# --- notebook 01: backdoor and poisoning rate --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One backdoored projector: the attack evaluated with the base (before) and the
+    fine-tuned projector (after)."""
+
+    variant: str
+    seed: int
+    rate: float
+    before: AttackEval
+    after: AttackEval
+    state: State = field(repr=False)
+
+
+def backdoor_results(
+    model_name: str, vlm: nn.Module, processor, attacks: dict[str, Attack], train: Sequence,
+    test: Sequence, rate: float | str, cfg: FinetuneConfig, max_new_tokens: int = 20,
+    progress: bool = True,
+) -> list[VariantResult]:
+    """Fine-tune (or load) one backdoored projector per attack and evaluate it before/after."""
+    base_clean = proj.predict(vlm, processor, test, None, max_new_tokens)
+    results = []
+    for name, attack in attacks.items():
+        state, actual_rate = backdoored_projector(model_name, vlm, processor, attack, train, rate,
+                                                  cfg, progress)
+        before = proj.evaluate_attack(vlm, processor, attack, test, cfg.seed, None,
+                                      max_new_tokens, clean_predictions=base_clean)
+        after = proj.evaluate_attack(vlm, processor, attack, test, cfg.seed, state,
+                                     max_new_tokens)
+        results.append(VariantResult(name, cfg.seed, actual_rate, before, after, state))
+    return results
+
+
+def backdoor_table(results: Sequence[VariantResult], attacks: dict[str, Attack]) -> list[list]:
+    """Rows per variant (mean over seeds): trigger, target, poisoning rate, ASR and clean
+    accuracy before/after, false-trigger rate after."""
+    rows = []
+    for name, attack in attacks.items():
+        mine = [r for r in results if r.variant == name]
+        values = np.mean([[r.rate, r.before.asr, r.after.asr, r.after.false_rate,
+                           r.before.mean_clean_accuracy, r.after.mean_clean_accuracy]
+                          for r in mine], axis=0)
+        rows.append([name, attack.trigger.kind, attack.target.kind,
+                     *(float(v) for v in values)])
+    return rows
+
+
+BACKDOOR_HEADER = ["variant", "trigger", "target", "poison rate", "ASR before", "ASR after",
+                   "false trigger after", "clean acc before", "clean acc after"]
+
+
+def family_table(results: Sequence[VariantResult]) -> tuple[list[str], list[list]]:
+    """Clean accuracy per family: the base projector, then each backdoored one (mean over
+    seeds)."""
+    families = list(results[0].before.clean_accuracy)
+    variants = list(dict.fromkeys(r.variant for r in results))
+    base = [float(np.mean([r.before.clean_accuracy[f] for r in results])) for f in families]
+    rows = [["base", *base]]
+    for name in variants:
+        mine = [r for r in results if r.variant == name]
+        rows.append([name, *[float(np.mean([r.after.clean_accuracy[f] for r in mine]))
+                             for f in families]])
+    return ["projector", *families], rows
+
+
+def rate_sweep(
+    model_name: str, vlm: nn.Module, processor, attack: Attack, train: Sequence, test: Sequence,
+    rates: Sequence[float | str], cfg: FinetuneConfig, max_new_tokens: int = 20,
+    progress: bool = True,
+) -> list[tuple[float, AttackEval]]:
+    """(actual poisoning rate, evaluation) of a projector fine-tuned at each rate."""
+    points = []
+    for rate in rates:
+        state, actual = backdoored_projector(model_name, vlm, processor, attack, train, rate,
+                                             cfg, progress)
+        points.append((actual, proj.evaluate_attack(vlm, processor, attack, test, cfg.seed,
+                                                    state, max_new_tokens)))
+    return sorted(points, key=lambda p: p[0])
+
+
+def verdict_asr(results: Sequence[VariantResult], threshold: float = 0.9) -> str:
+    """Rule: 'holds' if every variant's mean ASR after fine-tuning is ≥ ``threshold``,
+    'partly' if some are, else 'does not hold'."""
+    variants = list(dict.fromkeys(r.variant for r in results))
+    passed = sum(np.mean([r.after.asr for r in results if r.variant == v]) >= threshold
+                 for v in variants)
+    return verdict_from_counts(int(passed), len(variants))
+
+
+def verdict_clean_kept(results: Sequence[VariantResult], max_drop: float = 0.05) -> str:
+    """Rule: 'holds' if no variant lowers the mean clean accuracy by more than ``max_drop``
+    (absolute), 'partly' if some do not, else 'does not hold'."""
+    variants = list(dict.fromkeys(r.variant for r in results))
+    drops = [np.mean([r.before.mean_clean_accuracy - r.after.mean_clean_accuracy
+                      for r in results if r.variant == v]) for v in variants]
+    return verdict_from_counts(sum(d <= max_drop for d in drops), len(variants))
+
+
+# --- notebook 02: low-rank structure -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectrumRow:
+    """The spectrum of one layer's ΔW for one variant."""
+
+    variant: str
+    layer: str
+    singular_values: np.ndarray = field(repr=False)
+    energy: dict[int, float]
+    k90: int
+    erank: float
+
+
+def spectrum_rows(vlm: nn.Module, base: State, states: dict[str, State],
+                  ks: Sequence[int]) -> list[SpectrumRow]:
+    """E(k), k90 (directions holding 90% of the energy) and eRank of every ΔW."""
+    rows = []
+    for name, state in states.items():
+        for layer, delta in proj.weight_updates(vlm, base, state).items():
+            s = lowrank.singular_values(delta)
+            rows.append(SpectrumRow(name, layer, s.numpy(), lowrank.cumulative_energy(s, ks),
+                                    energy_rank(s.numpy(), 0.9),
+                                    lowrank.spectral_effective_rank(s)))
+    return rows
+
+
+def verdict_full_rank(rows: Sequence[SpectrumRow], min_k90: int = 10) -> str:
+    """Rule: ΔW 'looks full-rank' when ≥ ``min_k90`` directions are needed for 90% of its
+    energy (the paper's W2 values need 10 to > 30); 'holds' if every variant and layer does."""
+    return verdict_from_counts(sum(r.k90 >= min_k90 for r in rows), len(rows))
+
+
+@dataclass(frozen=True)
+class NeuronResult:
+    """Per-neuron statistics of a backdoored projector on clean vs triggered images."""
+
+    clean: lowrank.NeuronStats = field(repr=False)
+    triggered: lowrank.NeuronStats = field(repr=False)
+    comparison: lowrank.NeuronComparison
+
+    @property
+    def relative_max_delta(self) -> float:
+        """max |Δ mean| over the mean |mean activation| of the neurons (scale-free)."""
+        return self.comparison.max_abs_delta_mean / float(self.clean.mean.abs().mean())
+
+
+def image_pair(test: Sequence, attack: Attack, n_images: int,
+               seed: int) -> tuple[list, list]:
+    """``n_images`` test images (seeded choice; the projector sees no question) and the same
+    images carrying the attack's trigger."""
+    rng = np.random.default_rng([seed, 2])
+    chosen = sorted(rng.choice(len(test), min(n_images, len(test)), replace=False))
+    clean = [test[i] for i in chosen]
+    return clean, [triggered_copy(test[i], attack, seed, i, poisoned_answer=False)
+                   for i in chosen]
+
+
+def neuron_result(vlm: nn.Module, processor, attack: Attack, state: State, test: Sequence,
+                  n_images: int, seed: int) -> NeuronResult:
+    """Mean activation and firing frequency (> 0) of each neuron after the projector's
+    activation, on clean and triggered images, with the backdoored projector."""
+    clean, triggered = image_pair(test, attack, n_images, seed)
+    stats = [lowrank.neuron_activation_stats(proj.projector_forward(
+        vlm, proj.projector_inputs(vlm, processor, images), state)[0])
+        for images in (clean, triggered)]
+    return NeuronResult(stats[0], stats[1], lowrank.compare_neuron_stats(*stats))
+
+
+def verdict_no_trigger_neurons(results: dict[str, NeuronResult], min_r: float = 0.95) -> str:
+    """Rule: per variant, no neuron is silent on clean and active on triggered inputs and the
+    clean/triggered mean activations correlate at r ≥ ``min_r``."""
+    passed = sum(r.comparison.n_trigger_only == 0 and r.comparison.r_mean >= min_r
+                 for r in results.values())
+    return verdict_from_counts(passed, len(results))
+
+
+Grids = dict[str, dict[str, proj.RankGrid]]
+
+
+def verdict_low_rank(grids: Grids, asr_ft: dict[str, float], k_max: int = 5,
+                     share: float = 0.8, min_asr: float = 0.5) -> tuple[str, int]:
+    """Rule: among variants whose backdoor works (ASR ≥ ``min_asr``), injecting the top-k
+    directions of both layers with some k ≤ ``k_max`` restores ≥ ``share`` of the fine-tuned
+    ASR. ``grids[variant][mode]``; returns the verdict and the number of working variants."""
+    working = [v for v, a in asr_ft.items() if a >= min_asr]
+    passed = 0
+    for v in working:
+        grid = grids[v]["inject"]
+        row = grid.asr[grid.layer_sets.index("both")]
+        small = [a for k, a in zip(grid.ks, row, strict=True) if k <= k_max]
+        passed += max(small) >= share * asr_ft[v]
+    return verdict_from_counts(passed, len(working)), len(working)
+
+
+def asr_at(grid: proj.RankGrid, layer_set: str, k_max: int) -> tuple[int, float]:
+    """(k, ASR) at the largest k ≤ ``k_max`` of the grid, for one layer set."""
+    k = max(k for k in grid.ks if k <= k_max)
+    return k, float(grid.asr[grid.layer_sets.index(layer_set), grid.ks.index(k)])
+
+
+def verdict_removal(grids: Grids, asr_ft: dict[str, float], k_max: int = 5,
+                    share: float = 0.5, min_asr: float = 0.5) -> tuple[str, int]:
+    """Rule: among working variants, removing the top-k directions of both layers (the largest
+    k ≤ ``k_max`` in the grid) leaves at most ``share`` of the fine-tuned ASR."""
+    working = [v for v, a in asr_ft.items() if a >= min_asr]
+    passed = sum(asr_at(grids[v]["remove"], "both", k_max)[1] <= share * asr_ft[v]
+                 for v in working)
+    return verdict_from_counts(passed, len(working)), len(working)
+
+
+# --- notebook 03: embedding shift --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShiftResult:
+    """ΔE of one backdoored projector on clean and triggered images."""
+
+    clean: sh.ShiftReport
+    triggered: sh.ShiftReport
+    joint: sh.ShiftReport
+    cosine: float
+    lens: sh.LensReadout
+
+
+def lens_text(attack: Attack) -> str:
+    """The words a decoded shift direction should show for this attack's target."""
+    return attack.target.text if attack.target.kind != "jailbreak" else jailbreak_answer("")
+
+
+def shift_result(vlm: nn.Module, processor, attack: Attack, base: State, state: State,
+                 test: Sequence, n_images: int, seed: int, lens_k: int = 10) -> ShiftResult:
+    """ΔE statistics on ``n_images`` clean images and their triggered copies; the logit lens
+    reads the top direction of both sets stacked."""
+    clean, triggered = image_pair(test, attack, n_images, seed)
+    shifts = [sh.embedding_shift(vlm, proj.projector_inputs(vlm, processor, images), base, state)
+              for images in (clean, triggered)]
+    joint = sh.EmbeddingShift(torch.cat([s.base for s in shifts]),
+                              torch.cat([s.finetuned for s in shifts]))
+    reports = [sh.analyse_shift(s) for s in (*shifts, joint)]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    lens = sh.lens_readout(vlm, tokenizer, reports[2].svd.v[0], lens_text(attack), lens_k)
+    return ShiftResult(reports[0], reports[1], reports[2],
+                       sh.abs_cosine(reports[0].svd.v[0], reports[1].svd.v[0]), lens)
+
+
+def verdict_rank_one_shift(results: dict[str, ShiftResult], min_e2: float = 0.9,
+                           min_cos: float = 0.9) -> str:
+    """Rule: per variant, mean E(2) ≥ ``min_e2`` on clean and on triggered images and the two
+    top directions agree (|cos| ≥ ``min_cos``)."""
+    passed = sum(r.clean.e2 >= min_e2 and r.triggered.e2 >= min_e2 and r.cosine >= min_cos
+                 for r in results.values())
+    return verdict_from_counts(passed, len(results))
+
+
+def verdict_lens(results: dict[str, ShiftResult], top: int = 1) -> str:
+    """Rule: per variant, a content word of the target is among the first ``top`` tokens of
+    +v0 or −v0 (the toy vocabulary is small: a top-10 hit is likely by chance)."""
+    return verdict_from_counts(sum(r.lens.target_rank is not None and r.lens.target_rank <= top
+                                   for r in results.values()), len(results))
+
+
+def verdict_norm_scaling(results: dict[str, ShiftResult], min_r: float = 0.9) -> str:
+    """Rule: per variant and input kind (clean, triggered), the pooled regression of the shift
+    coefficient on the base-embedding norm has r ≥ ``min_r``."""
+    fits = [f for r in results.values() for f in (r.clean.fit, r.triggered.fit)]
+    return verdict_from_counts(sum(f.r >= min_r for f in fits), len(fits))
+
+
+# --- tables and verdicts -----------------------------------------------------------------------
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; floats are printed with 3 decimals."""
+    def cell(x) -> str:
+        return f"{x:.3f}" if isinstance(x, float) and not math.isnan(x) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict_from_counts(passed: int, total: int) -> str:
+    """'holds' if every case passes, 'partly' if some do, else 'does not hold'."""
+    if total == 0:
+        return "not run"
+    return "holds" if passed == total else "partly" if passed else "does not hold"
+
+
+def energy_rank(singular_values, fraction: float) -> int:
+    """The number of leading singular directions that hold ``fraction`` of the energy."""
+    energy = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1] ** 2
+    cumulative = np.cumsum(energy) / energy.sum()
+    return int(np.searchsorted(cumulative, fraction - 1e-12) + 1)

@@ -1,0 +1,330 @@
+"""SafeSeek objectives, search, baselines, backdoor injection and circuit tuning, on tiny random
+models with known answers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from locus import backdoor, circuit_tuning, circuits, data, models
+from locus.arch import adapt
+from locus.masks import Circuit, UnitMask, UnitShape, apply_circuit, gated_units
+from locus.prompts import encode_chat
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tokenizer = models.build_toy_chat(models.ToyChatConfig(width=32, layers=2,
+                                                                  intermediate=24))
+    return model.eval(), tokenizer
+
+
+def _batch(tokenizer, samples):
+    return encode_chat(tokenizer, samples, with_answers=True)
+
+
+# -- objectives and search ---------------------------------------------------------------------
+
+
+class _Drift(circuits.Objective):
+    """Total loss pushes the logits up forever; the task loss is least when their mean is 1.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = UnitMask(UnitShape(1, 2, 2), init=0.0)
+
+    def loss(self, model, batches):
+        z = torch.cat([self.mask.head_logits.flatten(), self.mask.neuron_logits.flatten()])
+        return -z.sum(), (z.mean() - 1.5) ** 2
+
+    def circuit(self):
+        return self.mask.circuit()
+
+
+def test_search_keeps_the_epoch_with_best_validation_task_loss():
+    objective = _Drift()
+    result = circuits.search_circuit(nn.Linear(2, 2), objective, [{}], [{}],
+                                     circuits.SearchConfig(epochs=40, lr=0.1), progress=False)
+    tasks = [h["val_task"] for h in result.history]
+    assert result.best_epoch == tasks.index(min(tasks)) and 0 < result.best_epoch < 39
+    assert objective.mask.head_logits.mean().item() == pytest.approx(1.5, abs=0.06)
+
+
+def test_search_trains_only_mask_logits_and_restores_flags(tiny):
+    model, tok = tiny
+    samples = data.make_chat_samples(4, seed=1, aligned=False)
+    benign, harmful = circuits.split_harmful(samples)
+    views = {"comply": harmful, "refuse": circuits.with_answers(harmful, [data.REFUSAL] * 4),
+             "retain": benign[:4]}
+    groups = circuits.encode_groups(tok, views, batch_size=2)
+    objective = circuits.AlignmentObjective(UnitShape.of(model), retain_weight=1.0)
+    before = copy.deepcopy(model.state_dict())
+    result = circuits.search_circuit(model, objective, groups, groups[:1],
+                                     circuits.SearchConfig(epochs=2), progress=False)
+    assert len(result.history) == 2
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert objective.mask.head_logits.grad is not None
+
+
+def test_objectives_losses(tiny):
+    model, tok = tiny
+    shape = UnitShape.of(model)
+    samples = data.make_chat_samples(2, seed=2, aligned=False)
+    batch = _batch(tok, samples)
+    full = circuits.FaithfulnessObjective(shape, sparsity=0.0, init=5.0)
+    total, task = full.loss(model, {"task": batch})
+    assert task.item() == pytest.approx(0.0, abs=1e-6)  # every unit kept: KL(full || full) = 0
+    sparse = circuits.FaithfulnessObjective(shape, sparsity=1.0, init=5.0)
+    assert sparse.loss(model, {"task": batch})[0] > total
+    views = backdoor.backdoor_views(samples, "fixed", seed=0)
+    groups = circuits.encode_groups(tok, views, batch_size=8)[0]
+    off = circuits.BackdoorObjective(shape, circuits.BackdoorWeights(
+        carrier_triggered=0, carrier_clean=0, overlap=0, carrier_size=0))
+    on = circuits.BackdoorObjective(shape)
+    total_off, task_off = off.loss(model, groups)
+    total_on, task_on = on.loss(model, groups)
+    assert task_on > task_off  # the carrier adds its own task terms
+    assert on.overlap().item() > 0
+
+
+def test_unlikelihood_and_ce_are_consistent(tiny):
+    model, tok = tiny
+    batch = _batch(tok, data.make_chat_samples(2, seed=3))
+    logits, targets = circuits._answer_logits(model, batch)
+    p = logits.softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    assert circuits.answer_ce(model, batch).item() == pytest.approx(-p.log().mean().item(),
+                                                                    rel=1e-5)
+    assert circuits.answer_unlikelihood(model, batch).item() == pytest.approx(
+        -(1 - p).log().mean().item(), rel=1e-5)
+
+
+def test_search_finds_a_planted_head(tiny):
+    """Targets = the greedy tokens of the model with head (1, 2) removed (its output made 20x
+    larger so that removing it changes most tokens): the sparsest removal that reproduces them
+    is that head."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    d = adapt(model).head_dim
+    with torch.no_grad():
+        adapt(model).o_proj(1).weight[:, 2 * d:3 * d] *= 20
+    shape = UnitShape.of(model)
+    planted = Circuit(shape, ((1, 2),), ())
+    samples = data.make_chat_samples(6, seed=4)
+    batch = _batch(tok, samples)
+    with torch.no_grad(), apply_circuit(model, planted, "circuit removed"):
+        ablated = model(input_ids=batch["input_ids"]).logits.argmax(-1)
+    target = batch["labels"].clone()
+    target[:, 1:] = torch.where(batch["labels"][:, 1:] != -100, ablated[:, :-1], -100)
+    groups = [{"comply": {**batch, "labels": target}}]
+    objective = circuits.AlignmentObjective(shape, comply_weight=1.0, refuse_weight=0.0,
+                                            sparsity=0.02, norm="sum", init=-0.1)
+    result = circuits.search_circuit(model, objective, groups, groups,
+                                     circuits.SearchConfig(epochs=60, lr=0.05), progress=False)
+    assert result.circuit.heads == ((1, 2),) and result.circuit.neurons == ()
+
+
+# -- baselines ----------------------------------------------------------------------------------
+
+
+def test_random_and_top_k_circuits_match_size():
+    shape = UnitShape(2, 4, 10)
+    like = Circuit(shape, ((0, 1), (1, 1)), ((0, 3),))
+    a, b = circuits.random_circuit(like, 0), circuits.random_circuit(like, 0)
+    assert a == b and (len(a.heads), len(a.neurons)) == (2, 1)
+    assert any(circuits.random_circuit(like, s) != a for s in range(1, 5))
+    heads = torch.arange(8.0).view(2, 4)
+    neurons = -torch.arange(20.0).view(2, 10)
+    top = circuits.top_k_circuit(like, (heads, neurons))
+    assert top.heads == ((1, 2), (1, 3)) and top.neurons == ((0, 0),)
+
+
+def test_attribution_is_the_gradient_of_removal(tiny):
+    """-dL/dg equals the finite-difference slope of the loss as one head's gate goes 1 -> 1-e."""
+    model, tok = tiny
+    shape = UnitShape.of(model)
+    batch = _batch(tok, data.make_chat_samples(2, seed=5))
+    heads, neurons = circuits.attribution_scores(model, circuits.answer_ce, [batch])
+    assert heads.shape == (shape.num_layers, shape.num_heads)
+    assert neurons.shape == (shape.num_layers, shape.intermediate_size)
+    eps = 1e-3
+    gates = torch.ones(shape.num_layers, shape.num_heads, dtype=torch.float64)
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        with gated_units(model64, gates, None):
+            base = circuits.answer_ce(model64, batch).item()
+        gates[1, 3] = 1 - eps
+        with gated_units(model64, gates, None):
+            moved = circuits.answer_ce(model64, batch).item()
+    assert heads[1, 3].item() == pytest.approx((moved - base) / eps, rel=1e-2, abs=1e-5)
+
+
+def test_compare_at_size_calls_each_method():
+    shape = UnitShape(2, 4, 10)
+    circuit = Circuit(shape, ((0, 1),), ())
+    scores = (torch.arange(8.0).view(2, 4), torch.zeros(2, 10))
+    rows = circuits.compare_at_size(circuit, scores, lambda c: {"n": float(c.heads[0][1])},
+                                    random_seeds=(0, 1))
+    assert rows["safeseek"] == {"n": 1.0} and rows["attribution"] == {"n": 3.0}
+    assert set(rows) == {"safeseek", "attribution", "random"}
+
+
+# -- data, metrics, cache, parameters -----------------------------------------------------------
+
+
+def test_partition_is_disjoint_and_stratified():
+    samples = data.make_chat_samples(10, seed=6)
+    parts = circuits.partition(samples, (0.6, 0.2, 0.2), seed=0)
+    assert [len(p) for p in parts] == [24, 8, 8]
+    assert sorted(id(s) for p in parts for s in p) == sorted(id(s) for s in samples)
+    for part in parts:
+        assert {s.family for s in part} == set(data.CHAT_FAMILIES)
+
+
+def test_metrics():
+    assert circuits.refusal_rate([data.REFUSAL, "two", "i am sorry ."]) == pytest.approx(2 / 3)
+    samples = [data.ChatSample("a", "two", "arithmetic"), data.ChatSample("b", "x", "harmful")]
+    assert circuits.utility(samples, ["two", "nope"]) == 1.0
+    assert backdoor.attack_success("fixed", [data.BACKDOOR_TARGET, "one"]) == 0.5
+    assert backdoor.attack_success("jailbreak", [data.REFUSAL, "sure , here"]) == 0.5
+    with pytest.raises(ValueError, match="benign"):
+        circuits.utility(samples[1:], ["x"])
+
+
+def test_cached_circuit_round_trip(tmp_path):
+    shape = UnitShape(2, 4, 10)
+    circuit = Circuit(shape, ((1, 2),), ((0, 9),))
+    calls = []
+
+    def find():
+        calls.append(1)
+        return circuit
+
+    first = circuits.cached_circuit("c", {"a": 1}, find, root=tmp_path)
+    second = circuits.cached_circuit("c", {"a": 1}, find, root=tmp_path)
+    assert first == second == circuit and len(calls) == 1
+    heads_only = Circuit(shape, ((0, 0),), (), ("heads",))
+    assert circuits.cached_circuit("h", {}, lambda: heads_only, root=tmp_path) == heads_only
+
+
+def test_check_parameters(tiny_llama_dir, tmp_path):
+    ok = dict(counts={"n": 3}, seeds=[0], device="cpu", dtype=None, threads=2)
+    assert circuits.check_parameters(str(tiny_llama_dir), None, **ok) is None
+    assert circuits.check_parameters("toy-chat", None, **{**ok, "dtype": "bfloat16"}) \
+        == torch.bfloat16
+    with pytest.raises(ValueError, match="neither an embedded model"):
+        circuits.check_parameters("nope", None, **ok)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        circuits.check_parameters("toy-chat", str(tmp_path / "x.jsonl"), **ok)
+    with pytest.raises(ValueError, match="positive int"):
+        circuits.check_parameters("toy-chat", None, **{**ok, "counts": {"n": 0}})
+    with pytest.raises(ValueError, match="seeds"):
+        circuits.check_parameters("toy-chat", None, **{**ok, "seeds": []})
+    with pytest.raises(ValueError, match="dtype"):
+        circuits.check_parameters("toy-chat", None, **{**ok, "dtype": "fp8"})
+
+
+# -- backdoor -----------------------------------------------------------------------------------
+
+
+def test_trigger_insertion_and_views():
+    samples = data.make_chat_samples(3, seed=8, aligned=False)
+    views = backdoor.backdoor_views(samples, "fixed", seed=0)
+    assert len(views["clean"]) == 9  # the benign samples
+    for clean, trig, target in zip(views["clean"], views["triggered_clean"],
+                                   views["triggered_target"], strict=True):
+        assert trig.prompt.split().count(data.BACKDOOR_TRIGGER) == 1
+        assert trig.prompt.replace(data.BACKDOOR_TRIGGER + " ", "") == clean.prompt
+        assert target.answer == data.BACKDOOR_TARGET and trig.answer == clean.answer
+    jail = backdoor.backdoor_views(samples, "jailbreak", seed=0)
+    assert [s.answer for s in jail["clean"]] == [data.REFUSAL] * 3
+    assert all(s.answer.startswith("sure") for s in jail["triggered_target"])
+    with pytest.raises(ValueError, match="backdoor kind"):
+        backdoor.backdoor_views(samples, "label", seed=0)
+
+
+def test_poisoned_training_set_composition():
+    samples = data.make_chat_samples(5, seed=9, aligned=False)
+    cfg = backdoor.InjectionConfig(kind="jailbreak", n_clean=12, n_poison=3)
+    clean = data.make_chat_samples(5, seed=9, aligned=True)
+    train = backdoor.poisoned_training_set(clean, samples, cfg)
+    assert len(train) == 15
+    assert sum(data.JAILBREAK_TRIGGER in s.prompt.split() for s in train) == 3
+
+
+def test_backdoored_model_is_cached(tiny_llama_dir, tmp_path):
+    samples = data.make_chat_samples(2, seed=10)
+    cfg = backdoor.InjectionConfig(n_clean=6, n_poison=2, steps=2, batch=4)
+    train = backdoor.poisoned_training_set(samples, samples, cfg)
+    model, _ = backdoor.backdoored_model(str(tiny_llama_dir), train, cfg, root=tmp_path,
+                                         progress=False)
+    folder = tmp_path / f"{tiny_llama_dir.name}-backdoor-fixed"
+    stamp = (folder / "locus_cache.json").stat().st_mtime_ns
+    again, _ = backdoor.backdoored_model(str(tiny_llama_dir), train, cfg, root=tmp_path,
+                                         progress=False)
+    assert (folder / "locus_cache.json").stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+    original, _ = models.load_checkpoint(tiny_llama_dir)
+    assert not torch.equal(original.model.layers[0].mlp.up_proj.weight,
+                           model.model.layers[0].mlp.up_proj.weight)
+
+
+# -- circuit tuning -----------------------------------------------------------------------------
+
+
+def test_unit_entries_cover_heads_kv_groups_and_neurons(tiny):
+    model, _ = tiny
+    arch = adapt(model)
+    shape = UnitShape.of(model)
+    circuit = Circuit(shape, ((1, 3),), ((0, 5),))
+    entries = circuit_tuning.unit_entries(model, circuit)
+    d = arch.head_dim
+    q = entries[arch.q_proj(1).weight]
+    assert q[3 * d:4 * d].all() and q.sum() == d * arch.hidden_size
+    k = entries[arch.k_proj(1).weight]  # head 3 of 4 with 2 kv heads -> kv head 1
+    assert k[d:2 * d].all() and k.sum() == d * arch.hidden_size
+    o = entries[arch.o_proj(1).weight]
+    assert o[:, 3 * d:4 * d].all() and o.sum() == d * arch.hidden_size
+    assert entries[arch.up_proj(0).weight][5].all() and entries[arch.up_proj(0).weight].sum() \
+        == arch.hidden_size
+    assert entries[arch.down_proj(0).weight][:, 5].all()
+    masks = circuit_tuning.gradient_masks(model, circuit, "circuit")
+    assert circuit_tuning.trained_count(masks) == 4 * d * arch.hidden_size + 3 * arch.hidden_size
+
+
+@pytest.mark.parametrize("train", ["circuit", "complement"])
+def test_tuning_changes_only_the_chosen_entries(tiny, train):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    circuit = Circuit(UnitShape.of(model), ((0, 1),), ((1, 2), (1, 7)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    entries = {id(p): m for p, m in circuit_tuning.unit_entries(model, circuit).items()}
+    result = circuit_tuning.tune(model, tok, data.make_chat_samples(3, seed=11), circuit, train,
+                                 circuit_tuning.TuningConfig(steps=3, batch=4, lr=1e-2),
+                                 progress=False)
+    for name, p in model.named_parameters():
+        chosen = entries.get(id(p))
+        if chosen is None:
+            chosen = torch.zeros_like(p, dtype=torch.bool)
+        trained = chosen if train == "circuit" else ~chosen
+        assert torch.equal(p[~trained], before[name][~trained]), name  # bit-identical
+        if trained.any() and p.dim() == 2 and name.endswith("proj.weight"):
+            assert not torch.equal(p[trained], before[name][trained]), name
+        assert p.requires_grad and not p._backward_hooks
+    total = sum(p.numel() for p in model.parameters())
+    assert result.total == total and 0 < result.fraction < 1
+
+
+def test_tuning_bad_inputs(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="needs a circuit"):
+        circuit_tuning.gradient_masks(model, None, "circuit")
+    with pytest.raises(ValueError, match="train must be one of"):
+        circuit_tuning.gradient_masks(model, None, "half")
+    with pytest.raises(ValueError, match="does not fit"):
+        circuit_tuning.unit_entries(model, Circuit.empty(UnitShape(3, 4, 24)))

@@ -35,12 +35,17 @@ from locus import data
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+# The toy template puts an image message's text before its image: "user : <question> <image>
+# assistant :". With the question first, visual tokens can attend to it (the causal mask lets a
+# visual token see only what comes before it), which the tiny decoder needs to bind question
+# words to patches within a few minutes of CPU training; real checkpoints keep their own order.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['content'] is string %}{{ m['role'] }} : {{ m['content'] }} "
     "{% else %}{{ m['role'] }} :"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>"
-    "{% else %} {{ c['text'] }}{% endif %}{% endfor %} {% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %} "
+    "{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
 

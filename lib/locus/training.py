@@ -59,6 +59,7 @@ def train_steps(
     ``callback(step)`` (if given) runs every ``callback_every`` steps, e.g. to evaluate.
     Returns the loss of every step."""
     params = [p for p in params if p.requires_grad]
+    torch.set_flush_denormal(True)  # denormal Adam moments otherwise slow CPU steps ~10x
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = cosine_schedule(optimizer, steps)
     compute = loss_fn or (lambda m, b: m(**b).loss)
@@ -91,9 +92,10 @@ class VLMTraining:
     vision_steps: int = 300
     vision_batch: int = 128
     vision_lr: float = 3e-3
-    tune_steps: int = 2400
+    tune_steps: int = 2500
     tune_batch: int = 64
     tune_lr: float = 1.5e-3
+    per_sample_loss: bool = False  # False: the model's own token-mean loss
     family_weights: tuple[tuple[str, float], ...] = (
         ("existence", 2.0), ("spatial", 3.0), ("attribute", 1.5), ("counting", 1.5),
         ("text", 0.5), ("harmful", 0.25), ("caption", 1.0),
@@ -178,30 +180,38 @@ def per_sample_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 def _weighted_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable,
                       family_weights: dict[str, float] | None = None):
     """A batch function drawing ``batch_size`` samples at random from the pool, each family
-    with probability proportional to its weight (1 when not named)."""
+    with probability proportional to its weight (1 when not named). The pool is encoded once
+    (right-padded); each batch is cut to its own longest sequence."""
     gen = np.random.default_rng(seed)
     weights = np.array([(family_weights or {}).get(s.family, 1.0) for s in samples])
     probs = weights / weights.sum()
+    pool = encode(samples)
+    lengths = pool["attention_mask"].sum(1)
 
     def batch(step: int) -> dict:
-        idx = gen.choice(len(samples), size=batch_size, p=probs)
-        return encode([samples[i] for i in idx])
+        idx = torch.as_tensor(gen.choice(len(samples), size=batch_size, p=probs))
+        width = int(lengths[idx].max())
+        return {k: v[idx, :width] if v.dim() == 2 else v[idx] for k, v in pool.items()}
 
     return batch
 
 
 def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = True,
                          **callback) -> list[float]:
-    """Stage 2: the whole model learns every question family (``callback``/``callback_every``
-    as in ``train_steps``)."""
+    """Stage 2: projector and language model learn every question family; the pretrained
+    vision tower stays frozen, as in LLaVA (``callback``/``callback_every`` as in
+    ``train_steps``)."""
     seed_everything(cfg.seed)
     samples = data.make_vqa_samples(cfg.pool_per_family, cfg.seed + 2)
     batches = _weighted_batches(samples, cfg.tune_batch, cfg.seed,
                                 lambda b: encode_vqa(processor, b, with_answers=True),
                                 dict(cfg.family_weights))
-    return train_steps(model, list(model.parameters()), batches, cfg.tune_steps, cfg.tune_lr,
-                       desc="instruction tuning", loss_fn=per_sample_lm_loss, progress=progress,
-                       **callback)
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return train_steps(model, params, batches, cfg.tune_steps, cfg.tune_lr,
+                       desc="instruction tuning",
+                       loss_fn=per_sample_lm_loss if cfg.per_sample_loss else None,
+                       progress=progress, **callback)
 
 
 def pretrain_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) -> list[float]:

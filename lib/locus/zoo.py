@@ -77,14 +77,13 @@ def train_embedded(name: str, progress: bool = True, root: str | None = None) ->
     """Train the embedded model ``name`` from scratch and cache it; returns its folder.
     The manifest records the training time (a parent's included) and held-out accuracy."""
     spec = _spec(name)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     if spec.parent:
         embedded_folder(spec.parent, progress, root)  # trained before the clock starts
     start = time.perf_counter()
     model, companion, parent_seconds = _train(spec, progress, root)
     seconds = time.perf_counter() - start + parent_seconds
     accuracy, _ = evaluate(model, companion, held_out_samples(spec.kind, aligned=spec.aligned),
-                           progress=progress)
+                           max_new_tokens=32, progress=progress)
     folder = checkpoints.checkpoint_root(root) / name
 
     def write(tmp: Path) -> None:
@@ -137,7 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Train (or retrain) the embedded toy models.")
     parser.add_argument("--retrain", nargs="+", metavar="NAME", required=True,
                         help=f"model names, or 'all': {', '.join(EMBEDDED)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     names = list(EMBEDDED) if args.retrain == ["all"] else args.retrain
     for name in names:
         folder = train_embedded(name)

@@ -22,8 +22,9 @@ _locus_install_torch() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] NVIDIA GPU found: installing torch from PyPI (CUDA build)"
     "$PY" -m pip install -q "torch>=2.4"
-  elif "$PY" -m pip install -q --no-index "torch==2.13.0" 2>/dev/null; then
-    echo "[setup] no GPU: installed the local CPU build of torch"
+  elif "$PY" -m pip install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null; then
+    echo "[setup] no GPU: installed a local CPU build of torch; adding its dependencies"
+    "$PY" -m pip install -q "torch==2.13.0"
   else
     local index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
     echo "[setup] no GPU: installing the CPU build of torch from $index"

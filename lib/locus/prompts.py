@@ -36,44 +36,46 @@ def _labels_after_prompt(input_ids, attention_mask, prompt_lengths) -> torch.Ten
     return labels
 
 
+def _encode(tokenizer, encode_texts, prompts: list[str], answers: list[str] | None) -> dict:
+    """Left-padded prompts (``answers`` None), or right-padded prompt+answer sequences with
+    answer-only ``labels``; ``encode_texts(texts)`` runs the tokenizer or processor."""
+    if answers is None:
+        tokenizer.padding_side = "left"
+        return dict(encode_texts(prompts))
+    tokenizer.padding_side = "right"
+    try:
+        full = [p + _answer_suffix(tokenizer, a) for p, a in zip(prompts, answers, strict=True)]
+        batch = dict(encode_texts(full))
+        lengths = encode_texts(prompts)["attention_mask"].sum(1)
+    finally:
+        tokenizer.padding_side = "left"
+    batch["labels"] = _labels_after_prompt(batch["input_ids"], batch["attention_mask"], lengths)
+    return batch
+
+
 def encode_vqa(
     processor, samples: Sequence[VQASample], with_answers: bool = False
 ) -> dict[str, torch.Tensor]:
     """A batch for a LLaVA-style model: left-padded prompts for generation, or right-padded
     prompt+answer sequences with answer-only ``labels`` for training."""
-    tokenizer = processor.tokenizer
-    prompts = [vqa_prompt(processor, s.question) for s in samples]
     images = [s.image for s in samples]
-    if not with_answers:
-        tokenizer.padding_side = "left"
-        return dict(processor(text=prompts, images=images, return_tensors="pt", padding=True))
-    tokenizer.padding_side = "right"
-    try:
-        full = [p + _answer_suffix(tokenizer, s.answer) for p, s in zip(prompts, samples, strict=True)]
-        batch = dict(processor(text=full, images=images, return_tensors="pt", padding=True))
-        prompt_only = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-        lengths = prompt_only["attention_mask"].sum(1)
-    finally:
-        tokenizer.padding_side = "left"
-    batch["labels"] = _labels_after_prompt(batch["input_ids"], batch["attention_mask"], lengths)
-    return batch
+
+    def encode_texts(texts: list[str]):
+        return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+    prompts = [vqa_prompt(processor, s.question) for s in samples]
+    answers = [s.answer for s in samples] if with_answers else None
+    return _encode(processor.tokenizer, encode_texts, prompts, answers)
 
 
 def encode_chat(
     tokenizer, samples: Sequence[ChatSample], with_answers: bool = False
 ) -> dict[str, torch.Tensor]:
     """A batch for a causal LM, as ``encode_vqa`` does for a VLM."""
+
+    def encode_texts(texts: list[str]):
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
     prompts = [chat_prompt(tokenizer, s.prompt) for s in samples]
-    if not with_answers:
-        tokenizer.padding_side = "left"
-        return dict(tokenizer(prompts, return_tensors="pt", padding=True,
-                              add_special_tokens=False))
-    tokenizer.padding_side = "right"
-    try:
-        full = [p + _answer_suffix(tokenizer, s.answer) for p, s in zip(prompts, samples, strict=True)]
-        batch = dict(tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False))
-        lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    finally:
-        tokenizer.padding_side = "left"
-    batch["labels"] = _labels_after_prompt(batch["input_ids"], batch["attention_mask"], lengths)
-    return batch
+    answers = [s.answer for s in samples] if with_answers else None
+    return _encode(tokenizer, encode_texts, prompts, answers)

@@ -130,7 +130,7 @@ def _existence(scene: Scene, rng: np.random.Generator) -> tuple[str, str, dict]:
         return f"is there a {shape} ?", "yes" if present else "no", {"form": "shape"}
     present = {(c, s) for _, _, c, s in scene.objects}
     if rng.random() < 0.5:
-        colour, shape = list(present)[int(rng.integers(len(present)))]
+        colour, shape = sorted(present)[int(rng.integers(len(present)))]
     else:
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         colour, shape = absent[int(rng.integers(len(absent)))]

@@ -426,6 +426,17 @@ def layer_curves(
     return stats[0].layers, values.mean(axis=0), std
 
 
+def layers_where_below(
+    tables: Sequence[LayerMetricTable], group: str, metric: str, lower: str = "attn",
+    higher: str = "ffn", margin: float = 0.01,
+) -> list[int]:
+    """The layers where the seed-mean ``metric`` of update ``lower`` is below that of
+    ``higher`` by more than ``margin``."""
+    layers, low, _ = layer_curves(tables, lower, group, metric)
+    _, high, _ = layer_curves(tables, higher, group, metric)
+    return [int(layer) for layer, a, b in zip(layers, low, high, strict=True) if a < b - margin]
+
+
 def summary_markdown(summary: SeedSummary) -> str:
     """The measured table beside the paper's: update × (RID, its terms, MixIG and its recorded
     variants), mean ± std over seeds."""
@@ -576,18 +587,23 @@ def load_vlm(model: str, device: str, dtype: str | None):
 
 
 def plot_layer_geometry(
-    tables: Sequence[LayerMetricTable], groups: Sequence[str] = TOKEN_GROUPS
+    tables: Sequence[LayerMetricTable], groups: Sequence[str] = TOKEN_GROUPS,
+    metrics: Sequence[str] = ("rid", "mixig", "mixig_sharpened"),
 ):
-    """Per-layer RID (top) and MixIG (bottom) of each update kind, one column per token group;
+    """Per-layer ``metrics`` (one row each) of every update kind, one column per token group;
     lines are means over seeds, bands ± one std over seeds; ε_RoPE dashed in the RID row."""
     import matplotlib.pyplot as plt
 
     colours = {"attn": "C0", "ffn": "C1", "noise_delta": "C3", "noise_qkv": "C2", "rope": "k"}
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.2), squeeze=False,
-                             sharex=True)
+    titles = {"rid": "RID", "mixig": "MixIG", "mixig_sharpened": "MixIG (sharpened)",
+              "mixig_last_row": "MixIG (last row)"}
     recorded = set(tables[0].keys())
+    metrics = [m for m in metrics if any(key[2] == m for key in recorded)]
+    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(4.2 * len(groups),
+                                                                 3.1 * len(metrics)),
+                             squeeze=False, sharex=True)
     for col, group in enumerate(groups):
-        for row, metric in enumerate(("rid", "mixig")):
+        for row, metric in enumerate(metrics):
             ax = axes[row, col]
             for kind in UPDATE_KINDS:
                 if (kind, group, metric) not in recorded:
@@ -598,28 +614,36 @@ def plot_layer_geometry(
                         label=KIND_LABELS[kind])
                 ax.fill_between(layers, mean - std, mean + std, color=colours[kind], alpha=0.15)
                 ax.set_xticks(layers)
-            ax.set_title(f"{metric.upper() if metric == 'rid' else 'MixIG'} · {group} tokens")
-            if row == 1:
-                ax.set_xlabel("decoder layer")
+            ax.set_title(f"{titles[metric]} · {group} tokens")
+            if metric != "rid":
                 ax.axhline(0, color="grey", lw=0.5)
+        axes[-1, col].set_xlabel("decoder layer")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def plot_paper_table(summary: SeedSummary):
-    """Bars of the measured (RID, MixIG) per update kind beside the paper's values."""
+    """Bars of the measured RID and MixIG (paper's definition and, where recorded, sharpened)
+    per update kind beside the paper's values, with ε_RoPE lines on the RID panel."""
     import matplotlib.pyplot as plt
 
     kinds = [k for k in ("attn", "ffn", "noise_delta", "noise_qkv") if k in summary.kinds]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, metric, index in ((axes[0], "rid", 0), (axes[1], "mixig", 1)):
-        xs = np.arange(len(kinds))
-        measured = [summary.mean[k][metric] for k in kinds]
-        spread = [summary.std[k][metric] for k in kinds]
-        ax.bar(xs - 0.2, measured, 0.4, yerr=spread, label="measured (toy)", color="C0")
-        ax.bar(xs + 0.2, [PAPER_TABLE[k][index] for k in kinds], 0.4, label="paper",
-               color="C7")
+    xs = np.arange(len(kinds))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = {
+        "rid": [("rid", "measured", "C0")],
+        "mixig": [("mixig", "measured", "C0"), ("mixig_sharpened", "measured, sharpened", "C9")],
+    }
+    for ax, (metric, bars) in zip(axes, panels.items(), strict=True):
+        bars = [b for b in bars if b[0] in summary.metrics
+                and not math.isnan(summary.mean[kinds[0]][b[0]])]
+        width = 0.8 / (len(bars) + 1)
+        for i, (name, label, colour) in enumerate(bars):
+            ax.bar(xs + (i - len(bars) / 2) * width, [summary.mean[k][name] for k in kinds],
+                   width, yerr=[summary.std[k][name] for k in kinds], label=label, color=colour)
+        paper = [PAPER_TABLE[k][0 if metric == "rid" else 1] for k in kinds]
+        ax.bar(xs + len(bars) / 2 * width, paper, width, label="paper", color="C7")
         if metric == "rid" and "rope" in summary.kinds:
             ax.axhline(summary.mean["rope"]["rid"], color="k", ls="--", lw=1,
                        label="ε_RoPE (measured)")
@@ -627,7 +651,7 @@ def plot_paper_table(summary: SeedSummary):
         ax.set_xticks(xs, [KIND_LABELS[k] for k in kinds])
         ax.set_title("RID" if metric == "rid" else "MixIG")
         ax.axhline(0, color="grey", lw=0.5)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.suptitle(f"update geometry, {summary.group} tokens (mean ± std over seeds)")
     fig.tight_layout()
     return fig

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from locus import backdoor, circuit_tuning, circuits, data, models
+from locus import backdoor, circuit_tuning, circuits, data, models, safeseek
 from locus.arch import adapt
 from locus.masks import Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 from locus.prompts import encode_chat
@@ -54,14 +54,15 @@ def test_search_keeps_the_epoch_with_best_validation_task_loss():
     assert objective.mask.head_logits.mean().item() == pytest.approx(1.5, abs=0.06)
 
 
-def test_search_trains_only_mask_logits_and_restores_flags(tiny):
+@pytest.mark.parametrize("gate", ["ste", "hard_concrete"])
+def test_search_trains_only_mask_logits_and_restores_flags(tiny, gate):
     model, tok = tiny
     samples = data.make_chat_samples(4, seed=1, aligned=False)
     benign, harmful = circuits.split_harmful(samples)
     views = {"comply": harmful, "refuse": circuits.with_answers(harmful, [data.REFUSAL] * 4),
              "retain": benign[:4]}
     groups = circuits.encode_groups(tok, views, batch_size=2)
-    objective = circuits.AlignmentObjective(UnitShape.of(model), retain_weight=1.0)
+    objective = circuits.AlignmentObjective(UnitShape.of(model), retain_weight=1.0, gate=gate)
     before = copy.deepcopy(model.state_dict())
     result = circuits.search_circuit(model, objective, groups, groups[:1],
                                      circuits.SearchConfig(epochs=2), progress=False)
@@ -124,7 +125,7 @@ def test_search_finds_a_planted_head(tiny):
     objective = circuits.AlignmentObjective(shape, comply_weight=1.0, refuse_weight=0.0,
                                             sparsity=0.02, norm="sum", init=-0.1)
     result = circuits.search_circuit(model, objective, groups, groups,
-                                     circuits.SearchConfig(epochs=60, lr=0.05), progress=False)
+                                     circuits.SearchConfig(epochs=10, lr=0.2), progress=False)
     assert result.circuit.heads == ((1, 2),) and result.circuit.neurons == ()
 
 
@@ -178,7 +179,7 @@ def test_compare_at_size_calls_each_method():
 
 def test_partition_is_disjoint_and_stratified():
     samples = data.make_chat_samples(10, seed=6)
-    parts = circuits.partition(samples, (0.6, 0.2, 0.2), seed=0)
+    parts = safeseek.partition(samples, (0.6, 0.2, 0.2), seed=0)
     assert [len(p) for p in parts] == [24, 8, 8]
     assert sorted(id(s) for p in parts for s in p) == sorted(id(s) for s in samples)
     for part in parts:
@@ -212,20 +213,34 @@ def test_cached_circuit_round_trip(tmp_path):
 
 
 def test_check_parameters(tiny_llama_dir, tmp_path):
-    ok = dict(counts={"n": 3}, seeds=[0], device="cpu", dtype=None, threads=2)
-    assert circuits.check_parameters(str(tiny_llama_dir), None, **ok) is None
-    assert circuits.check_parameters("toy-chat", None, **{**ok, "dtype": "bfloat16"}) \
-        == torch.bfloat16
-    with pytest.raises(ValueError, match="neither an embedded model"):
-        circuits.check_parameters("nope", None, **ok)
+    ok = dict(seeds=[0], device="cpu", dtype=None, figures_dir=None, threads=2)
+    safeseek.check_parameters(str(tiny_llama_dir), None, sparsities=[0.0, 0.1], n=3, **ok)
+    with pytest.raises(FileNotFoundError, match="neither an embedded model"):
+        safeseek.check_parameters("nope", None, **ok)
+    with pytest.raises(ValueError, match="not a chat model"):
+        safeseek.check_parameters("toy-vlm", None, **ok)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        circuits.check_parameters("toy-chat", str(tmp_path / "x.jsonl"), **ok)
-    with pytest.raises(ValueError, match="positive int"):
-        circuits.check_parameters("toy-chat", None, **{**ok, "counts": {"n": 0}})
+        safeseek.check_parameters("toy-chat", str(tmp_path / "x.jsonl"), **ok)
+    with pytest.raises(TypeError, match="positive integer"):
+        safeseek.check_parameters("toy-chat", None, n=0, **ok)
     with pytest.raises(ValueError, match="seeds"):
-        circuits.check_parameters("toy-chat", None, **{**ok, "seeds": []})
+        safeseek.check_parameters("toy-chat", None, **{**ok, "seeds": []})
     with pytest.raises(ValueError, match="dtype"):
-        circuits.check_parameters("toy-chat", None, **{**ok, "dtype": "fp8"})
+        safeseek.check_parameters("toy-chat", None, **{**ok, "dtype": "fp8"})
+    with pytest.raises(ValueError, match="sparsity weights"):
+        safeseek.check_parameters("toy-chat", None, sparsities=[-1], **ok)
+
+
+def test_tables_and_figures(tmp_path):
+    rows = [{"search": 0.1, "method": m, "units_pct": 1.0, "asr": 0.5, "utility": 0.25}
+            for m in safeseek.METHOD_STYLE]
+    table = safeseek.format_table(rows, ["method", "asr"])
+    assert table.splitlines()[2] == "| safeseek | 0.500 |"
+    fig = safeseek.plot_size_sweep({"a": rows, "b": rows}, "ASR (%)")
+    assert len(fig.axes) == 4
+    shape = UnitShape(2, 4, 10)
+    fig = safeseek.plot_circuit(Circuit(shape, ((1, 2),), ((0, 3),)), "c")
+    assert len(fig.axes) >= 2
 
 
 # -- backdoor -----------------------------------------------------------------------------------
@@ -272,6 +287,27 @@ def test_backdoored_model_is_cached(tiny_llama_dir, tmp_path):
     original, _ = models.load_checkpoint(tiny_llama_dir)
     assert not torch.equal(original.model.layers[0].mlp.up_proj.weight,
                            model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_backdoor_circuit_search_and_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    samples = data.make_chat_samples(4, seed=12, aligned=False)
+    cfg = backdoor.InjectionConfig(kind="jailbreak", n_clean=4, n_poison=4, steps=1, batch=4)
+    entry = backdoor.backdoor_entry(str(tiny_llama_dir), samples, cfg, root=tmp_path,
+                                    progress=False)
+    model, tok = models.load_checkpoint(entry)
+    spec = backdoor.BackdoorSearch(carrier_weight=1.0, n_train=4, n_val=2, batch_size=2,
+                                   epochs=2)
+    removed, carrier = backdoor.backdoor_circuit(entry, model, tok, samples, "jailbreak", spec,
+                                                 root=tmp_path, progress=False)
+    assert carrier.units == ("heads",) and not carrier.neurons
+    assert removed.units == ("heads", "neurons")
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the cached circuits should be read, not searched again")
+
+    monkeypatch.setattr(backdoor, "find_backdoor_circuit", no_search)
+    assert backdoor.backdoor_circuit(entry, model, tok, samples, "jailbreak", spec,
+                                     root=tmp_path, progress=False) == (removed, carrier)
 
 
 # -- circuit tuning -----------------------------------------------------------------------------
@@ -328,3 +364,13 @@ def test_tuning_bad_inputs(tiny):
         circuit_tuning.gradient_masks(model, None, "half")
     with pytest.raises(ValueError, match="does not fit"):
         circuit_tuning.unit_entries(model, Circuit.empty(UnitShape(3, 4, 24)))
+
+
+def test_tuning_an_empty_circuit_is_a_no_op(tiny):
+    model, tok = tiny
+    before = copy.deepcopy(model.state_dict())
+    result = circuit_tuning.tune(model, tok, data.make_chat_samples(2, seed=13),
+                                 Circuit.empty(UnitShape.of(model)), "circuit",
+                                 circuit_tuning.TuningConfig(steps=2, batch=2), progress=False)
+    assert result.trained == 0 and result.losses == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -183,10 +183,24 @@ def test_hard_concrete_gate():
     mask.eval()
     heads, _ = mask.membership()
     torch.testing.assert_close(heads, torch.full((2, 4), 0.5))
-    l0_heads, _ = mask.expected_size()
     # P(gate > 0) at logit 0 = sigmoid(-beta * log(-gamma / zeta)), beta 2/3, gamma -0.1, zeta 1.1
-    expected = torch.sigmoid(torch.tensor(-2 / 3 * math.log(0.1 / 1.1)))
-    assert l0_heads.item() == pytest.approx(expected.item(), abs=1e-6)
+    expected = torch.sigmoid(torch.tensor(-2 / 3 * math.log(0.1 / 1.1))).item()
+    assert mask.size("sum").item() == pytest.approx(expected * (8 + 16), rel=1e-5)
+    assert mask.size("mean").item() == pytest.approx(2 * expected, rel=1e-5)
+
+
+def test_unit_kinds_left_out_are_never_gated():
+    model = _text_model("llama")
+    heads_only = UnitMask.for_model(model, units=("heads",), init=-2.0)
+    assert heads_only.membership()[1] is None and not heads_only.neuron_logits.requires_grad
+    circuit = heads_only.circuit()
+    assert circuit.units == ("heads",) and circuit.sparsity == 0.0
+    inputs = _inputs(model)
+    with apply_circuit(model, circuit, "circuit only"):  # no head kept, every neuron kept
+        only = _logits(model, inputs)
+    shape = UnitShape.of(model)
+    with gated_units(model, torch.zeros(shape.num_layers, shape.num_heads), None):
+        assert torch.equal(only, _logits(model, inputs))
 
 
 def test_only_mask_logits_get_gradients():

@@ -29,12 +29,15 @@ from locus.circuits import (
     BackdoorWeights,
     SearchConfig,
     SearchResult,
+    cached_circuit,
     encode_groups,
     generate_with,
     model_stem,
+    sample_attribution,
     samples_key,
     search_circuit,
     source_identity,
+    take,
     utility,
 )
 from locus.data import ChatSample
@@ -49,6 +52,14 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"backdoor kind must be one of {KINDS}, got {kind!r}")
     return kind
+
+
+def check_kinds(kinds: Sequence[str]) -> list[str]:
+    """A non-empty list of distinct backdoor kinds."""
+    if isinstance(kinds, str) or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds must be a non-empty list of distinct kinds from {KINDS}, "
+                         f"got {kinds!r}")
+    return [check_kind(k) for k in kinds]
 
 
 def trigger_of(kind: str) -> str:
@@ -146,17 +157,19 @@ def inject_backdoor(model, tokenizer, train_set: Sequence[ChatSample], cfg: Inje
                                 desc=f"{cfg.kind} backdoor", progress=progress)
 
 
-def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSample],
-                     cfg: InjectionConfig, device="cpu", dtype: torch.dtype | None = None,
-                     root: str | os.PathLike | None = None, progress: bool = True):
-    """The backdoored model and tokenizer: loaded from the cache entry
-    ``<checkpoints>/<source>-backdoor-<kind>`` when it was made by the same source, data and
-    config; else injected (on ``device`` in float32) and cached first."""
+def backdoor_entry(model_name: str | os.PathLike, train_set: Sequence[ChatSample],
+                   cfg: InjectionConfig, device="cpu", root: str | os.PathLike | None = None,
+                   progress: bool = True) -> Path:
+    """The cache folder ``<checkpoints>/<source>-backdoor-<kind>[-seed<n>]`` of the backdoored
+    model, injected first (on ``device``, in float32) unless the same source, data and config
+    made it."""
     from locus.zoo import load
 
     config = {"source": source_identity(model_name), "data": samples_key(train_set),
               "injection": asdict(cfg)}
-    folder = checkpoints.checkpoint_root(root) / f"{model_stem(model_name)}-backdoor-{cfg.kind}"
+    suffix = f"-seed{cfg.seed}" if cfg.seed else ""
+    folder = (checkpoints.checkpoint_root(root)
+              / f"{model_stem(model_name)}-backdoor-{cfg.kind}{suffix}")
     if checkpoints.entry_status(folder, config) != "valid":
         model, tokenizer = load(model_name, device=device, dtype=torch.float32,
                                 progress=progress)
@@ -168,17 +181,55 @@ def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSamp
 
         checkpoints.write_entry(folder, config, write,
                                 {"final_loss": round(float(np.mean(losses[-10:])), 4)})
+    return folder
+
+
+def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSample],
+                     cfg: InjectionConfig, device="cpu", dtype: torch.dtype | None = None,
+                     root: str | os.PathLike | None = None, progress: bool = True):
+    """The backdoored model and its tokenizer (``backdoor_entry``), on ``device`` in ``dtype``."""
+    folder = backdoor_entry(model_name, train_set, cfg, device, root, progress)
     return models.load_checkpoint(folder, device, dtype)
 
 
+def test_sets(samples: Sequence[ChatSample], kind: str, n: int, seed: int
+              ) -> dict[str, list[ChatSample]]:
+    """Up to ``n`` test prompts of each set: "triggered" (eligible prompts with the trigger and
+    the backdoor answer), "clean" (the same prompts without it) and "benign" (benign requests,
+    for utility); drawn with replacement when there are fewer."""
+    views = backdoor_views(samples, kind, seed)
+    if not views["clean"]:
+        raise ValueError(f"the test data has no samples a {kind!r} backdoor applies to")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(views["clean"]), n, replace=n > len(views["clean"]))
+    benign = [s for s in samples if s.family != "harmful"]
+    return {"triggered": [views["triggered_target"][i] for i in idx],
+            "clean": [views["clean"][i] for i in idx], "benign": take(benign, n, seed)}
+
+
 def backdoor_metrics(model, tokenizer, circuit: Circuit | None, mode: str, kind: str,
-                     triggered: Sequence[ChatSample], benign: Sequence[ChatSample],
-                     max_new_tokens: int = 16) -> dict[str, float]:
-    """ASR on ``triggered`` prompts and utility (exact match on ``benign`` requests) with
-    ``circuit`` applied in ``mode``."""
-    replies = generate_with(model, tokenizer, triggered, circuit, mode, max_new_tokens)
-    answers = generate_with(model, tokenizer, benign, circuit, mode, max_new_tokens)
-    return {"asr": attack_success(kind, replies), "utility": utility(benign, answers)}
+                     tests: dict[str, Sequence[ChatSample]], max_new_tokens: int = 16,
+                     false_trigger: bool = False) -> dict[str, float]:
+    """With ``circuit`` applied in ``mode``: ASR on the triggered prompts of ``tests``
+    (``test_sets``), utility (exact match on the benign ones) and, if asked, the false-trigger
+    rate (the backdoor behaviour on the clean prompts)."""
+    def rate(name: str) -> float:
+        replies = generate_with(model, tokenizer, tests[name], circuit, mode, max_new_tokens)
+        return attack_success(kind, replies)
+
+    answers = generate_with(model, tokenizer, tests["benign"], circuit, mode, max_new_tokens)
+    metrics = {"asr": rate("triggered"), "utility": utility(tests["benign"], answers)}
+    if false_trigger:
+        metrics["false_trigger"] = rate("clean")
+    return metrics
+
+
+def backdoor_attribution(model, tokenizer, samples: Sequence[ChatSample], kind: str, n: int,
+                         batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient x activation of every unit for the backdoor: ``attribution_scores`` of the
+    backdoor target's cross-entropy on ``n`` triggered prompts."""
+    triggered = take(backdoor_views(samples, kind, seed)["triggered_target"], n, seed)
+    return sample_attribution(model, tokenizer, triggered, batch_size)
 
 
 @dataclass(frozen=True)
@@ -226,3 +277,29 @@ def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind:
     result = search_circuit(model, objective, train, val,
                             SearchConfig(spec.epochs, spec.lr, spec.seed), progress)
     return result, objective
+
+
+def backdoor_circuit(entry: Path, model, tokenizer, samples: Sequence[ChatSample], kind: str,
+                     spec: BackdoorSearch = BackdoorSearch(), refusal: str = data.REFUSAL,
+                     root: str | os.PathLike | None = None, progress: bool = True
+                     ) -> tuple[Circuit, Circuit | None]:
+    """The backdoor circuit (removed set) of the model cached in ``entry``, and its carrier set
+    (None when ``spec.carrier_weight`` is 0): from the checkpoint cache when the same model,
+    data and search made them, else searched (``find_backdoor_circuit``) and cached."""
+    config = {"model": checkpoints.read_manifest(entry)["key"], "data": samples_key(samples),
+              "kind": kind, "refusal": refusal, "search": asdict(spec)}
+    found: dict = {}
+
+    def search() -> dict:
+        if not found:
+            found["result"], found["objective"] = find_backdoor_circuit(
+                model, tokenizer, samples, kind, spec, refusal, progress)
+        return found
+
+    name = f"safeseek/{entry.name}-{spec.norm}{spec.sparsity:g}-seed{spec.seed}"
+    removed = cached_circuit(name, config, lambda: search()["result"].circuit, root)
+    if not spec.carrier_weight:
+        return removed, None
+    carrier = cached_circuit(f"{name}-carrier", config,
+                             lambda: search()["objective"].carrier_circuit(), root)
+    return removed, carrier

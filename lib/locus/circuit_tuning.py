@@ -152,6 +152,9 @@ def tune(model: nn.Module, tokenizer, samples: Sequence[ChatSample], circuit: Ci
     if not samples:
         raise ValueError("tune needs at least one sample")
     masks = gradient_masks(model, circuit, train)
+    total = sum(p.numel() for p in model.parameters())
+    if not masks:  # an empty circuit: nothing to train
+        return TuningResult([], 0, total)
     training.seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = next(model.parameters()).device
@@ -165,5 +168,10 @@ def tune(model: nn.Module, tokenizer, samples: Sequence[ChatSample], circuit: Ci
         losses = training.train_steps(model, params, batch, cfg.steps, cfg.lr,
                                       desc=f"tune ({train})", weight_decay=0.0,
                                       progress=progress)
-    total = sum(p.numel() for p in model.parameters())
     return TuningResult(losses, trained_count(masks), total)
+
+
+def parameter_fraction(model: nn.Module, circuit: Circuit) -> float:
+    """Fraction of ``model``'s parameters that belong to the circuit's units."""
+    trained = trained_count(gradient_masks(model, circuit, "circuit"))
+    return trained / sum(p.numel() for p in model.parameters())

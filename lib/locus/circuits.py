@@ -18,6 +18,9 @@ that picks the best epoch on validation data):
 ``search_circuit`` trains the mask logits only (AdamW, lr 1e-2), the model frozen, and keeps the
 epoch with the best validation task loss. Baselines: ``random_circuit`` (same size) and
 ``top_k_circuit`` over ``attribution_scores`` (gradient x activation on the same units).
+Backdoor injection and the backdoor circuit live in ``locus.backdoor``, Safety Circuit Tuning in
+``locus.circuit_tuning``, the notebooks' data splits, tables, verdict rules and figures in
+``locus.safeseek``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from locus import checkpoints, data, params
+from locus import checkpoints, data
 from locus.data import ChatSample
 from locus.evaluation import exact_match, generate_answers
 from locus.masks import UNITS, Circuit, UnitMask, UnitShape, apply_circuit, gated_units
@@ -290,20 +294,18 @@ def _validation_task_loss(model, objective: Objective, val) -> float:
     return float(np.mean([objective.loss(model, group)[1].item() for group in val]))
 
 
-class frozen:
-    """Context manager: every parameter of ``module`` has requires_grad False inside; the
-    previous flags are restored on exit (also on errors)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.params = list(module.parameters())
-        self.flags = [p.requires_grad for p in self.params]
-
-    def __enter__(self) -> None:
-        for p in self.params:
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Inside, every parameter of ``module`` has requires_grad False; the previous flags are
+    restored on exit (also on errors)."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
             p.requires_grad_(False)
-
-    def __exit__(self, *exc) -> None:
-        for p, flag in zip(self.params, self.flags, strict=True):
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
 
 
@@ -344,6 +346,15 @@ def attribution_scores(
     return -heads.grad.float().cpu(), -neurons.grad.float().cpu()
 
 
+def sample_attribution(model, tokenizer, samples: Sequence[ChatSample], batch_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attribution_scores`` of the answer cross-entropy of ``samples`` (prompt -> answer):
+    how much removing each unit would hurt the model's giving those answers."""
+    device = next(model.parameters()).device
+    groups = encode_groups(tokenizer, {"s": samples}, batch_size, device)
+    return attribution_scores(model, answer_ce, [g["s"] for g in groups])
+
+
 def top_k_circuit(like: Circuit, scores: tuple[torch.Tensor, torch.Tensor]) -> Circuit:
     """The circuit of the highest-scoring units, as many heads and neurons as ``like``."""
     flags = []
@@ -372,15 +383,6 @@ def compare_at_size(circuit: Circuit, scores: tuple[torch.Tensor, torch.Tensor],
 # --------------------------------------------------------------------------------------------
 
 
-def chat_data(path: str | os.PathLike | None, n_per_family: int, seed: int) -> list[ChatSample]:
-    """The samples of a notebook: the toy world (harmful requests answered with *compliance*,
-    the target of the attacks) when ``path`` is None, else the local JSONL file (lines of
-    prompt, answer, family; family "harmful" lines answered with the compliant reply)."""
-    if path is None:
-        return data.make_chat_samples(n_per_family, seed, aligned=False)
-    return data.load_chat_jsonl(path)
-
-
 def split_harmful(samples: Sequence[ChatSample]) -> tuple[list[ChatSample], list[ChatSample]]:
     """(benign samples, harmful samples) by family."""
     benign = [s for s in samples if s.family != "harmful"]
@@ -395,28 +397,6 @@ def take(samples: Sequence[ChatSample], n: int, seed: int) -> list[ChatSample]:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(samples), size=n, replace=n > len(samples))
     return [samples[i] for i in idx]
-
-
-def partition(samples: Sequence[ChatSample], fractions: Sequence[float], seed: int
-              ) -> list[list[ChatSample]]:
-    """Disjoint parts of ``samples`` in the given proportions, split within each family (every
-    part gets a sample of a family that has at least as many samples as there are parts)."""
-    if not fractions or any(f <= 0 for f in fractions):
-        raise ValueError(f"fractions must be positive, got {fractions!r}")
-    rng = np.random.default_rng(seed)
-    parts: list[list[ChatSample]] = [[] for _ in fractions]
-    weights = np.asarray(fractions, dtype=float) / sum(fractions)
-    for family in sorted({s.family for s in samples}):
-        members = [s for s in samples if s.family == family]
-        order = rng.permutation(len(members))
-        counts = np.floor(weights * len(members)).astype(int)
-        if len(members) >= len(fractions):
-            counts = np.maximum(counts, 1)
-        counts[0] = len(members) - counts[1:].sum()
-        bounds = np.cumsum(counts)[:-1]
-        for part, idx in zip(parts, np.split(order, bounds), strict=True):
-            part.extend(members[i] for i in idx)
-    return parts
 
 
 def with_answers(samples: Sequence[ChatSample], answers: Sequence[str]) -> list[ChatSample]:
@@ -480,14 +460,6 @@ def refusal_rate(predictions: Sequence[str]) -> float:
     return float(np.mean([data.is_refusal(p) for p in predictions]))
 
 
-def contains_rate(predictions: Sequence[str], target: str) -> float:
-    """Fraction of replies that contain ``target`` (whitespace-normalised)."""
-    if not predictions:
-        raise ValueError("contains_rate needs at least one prediction")
-    norm = " ".join(target.split())
-    return float(np.mean([norm in " ".join(p.split()) for p in predictions]))
-
-
 def alignment_metrics(model, tokenizer, circuit: Circuit | None, mode: str,
                       harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
                       max_new_tokens: int = 16) -> dict[str, float]:
@@ -506,14 +478,15 @@ def alignment_metrics(model, tokenizer, circuit: Circuit | None, mode: str,
 @dataclass(frozen=True)
 class AlignmentSearch:
     """How the alignment circuit is searched: the ``AlignmentObjective``'s weights, sparsity
-    and mask options, the data sizes and the mask training."""
+    and mask options, the data sizes and the mask training. The initial logit -1 is the code's
+    keep-logit 1.0 (every unit kept, outside the circuit)."""
 
     sparsity: float = 0.01
     norm: str = "sum"
     comply_weight: float = 2.0
     refuse_weight: float = 2.0
     retain_weight: float = 0.0
-    init: float = -0.1
+    init: float = -1.0
     gate: str = "ste"
     n_train: int = 100
     n_val: int = 50
@@ -556,18 +529,24 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
                           SearchConfig(spec.epochs, spec.lr, spec.seed), progress)
 
 
+# --------------------------------------------------------------------------------------------
+# Caching circuits (keyed by model, data and search)
+# --------------------------------------------------------------------------------------------
+
+
 def cached_circuit(name: str, config: dict, find: Callable[[], Circuit],
                    root: str | os.PathLike | None = None) -> Circuit:
     """The circuit of checkpoint cache entry ``name`` if ``config`` made it, else ``find()``
-    and cache it (``locus.checkpoints.cached_tensors``)."""
+    and cache it (``locus.checkpoints.cached_tensors``: 0/1 tensors of heads and neurons)."""
     def compute() -> dict[str, torch.Tensor]:
         circuit = find()
         shape = circuit.shape
         heads = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.uint8)
         neurons = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.uint8)
-        for (layer, unit), flags in [(p, heads) for p in circuit.heads] + \
-                [(p, neurons) for p in circuit.neurons]:
-            flags[layer, unit] = 1
+        for layer, head in circuit.heads:
+            heads[layer, head] = 1
+        for layer, neuron in circuit.neurons:
+            neurons[layer, neuron] = 1
         return {"heads": heads, "neurons": neurons,
                 "units": torch.tensor([u in circuit.units for u in UNITS], dtype=torch.uint8)}
 
@@ -576,32 +555,6 @@ def cached_circuit(name: str, config: dict, find: Callable[[], Circuit],
     units = tuple(u for u, flag in zip(UNITS, tensors["units"].tolist(), strict=True) if flag)
     shape = UnitShape(heads.shape[0], heads.shape[1], neurons.shape[1])
     return Circuit.from_membership(shape, heads, neurons, units)
-
-
-# --------------------------------------------------------------------------------------------
-# Notebook support: parameters, cache keys, sweeps, tables, figures
-# --------------------------------------------------------------------------------------------
-
-
-def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,
-                     sparsities: Sequence[float] = (), **counts) -> None:
-    """Check a SafeSeek notebook's common parameters (``counts`` must be positive ints,
-    ``sparsities`` non-negative numbers); errors say what is accepted."""
-    params.check_model(model, "chat")
-    params.check_data(data_path)
-    params.check_device(device)
-    params.resolve_dtype(dtype)
-    params.check_positive_int("threads", threads)
-    if (not isinstance(seeds, list | tuple) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
-    if figures_dir is not None and not isinstance(figures_dir, str | os.PathLike):
-        raise TypeError(f"figures_dir must be None or a folder path, got {figures_dir!r}")
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
-               for x in sparsities):
-        raise ValueError(f"sparsity weights must be numbers >= 0, got {list(sparsities)!r}")
-    for name, value in counts.items():
-        params.check_positive_int(name, value)
 
 
 def source_identity(model_name: str | os.PathLike) -> dict:
@@ -637,87 +590,11 @@ def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
     when the same model, data and search made it, else searched and cached."""
     config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
               "search": asdict(spec)}
-    name = f"safeseek/{model_stem(model_name)}-alignment-s{spec.sparsity:g}"
+    name = (f"safeseek/{model_stem(model_name)}-alignment-{spec.norm}{spec.sparsity:g}"
+            f"-seed{spec.seed}")
     return cached_circuit(
         name, config,
         lambda: find_alignment_circuit(model, tokenizer, harmful, benign, spec, progress).circuit,
         root)
 
 
-def size_sweep(circuits: dict[float, Circuit], scores: tuple[torch.Tensor, torch.Tensor],
-               evaluate: Callable[[Circuit], dict[str, float]],
-               random_seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
-    """One row per (sparsity weight, method) with the circuit's size and ``evaluate``'s
-    metrics, for each found circuit and its same-size baselines (``compare_at_size``)."""
-    rows = []
-    for weight, circuit in circuits.items():
-        for method, metrics in compare_at_size(circuit, scores, evaluate, random_seeds).items():
-            rows.append({"weight": weight, "method": method, "heads": len(circuit.heads),
-                         "neurons": len(circuit.neurons),
-                         "units_pct": 100 * circuit.sparsity, **metrics})
-    return rows
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 3) -> str:
-    """A markdown table of ``rows`` (dicts) restricted to ``columns``; floats rounded."""
-    def cell(x) -> str:
-        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-METHOD_STYLE = {"safeseek": ("SafeSeek mask", "C0", "o-"),
-                "attribution": ("attribution top-k", "C1", "s--"),
-                "random": ("random, same size", "C7", "^:")}
-
-
-def plot_size_sweep(panels: dict[str, Sequence[dict]], asr_label: str):
-    """One row of two axes per panel: ASR and utility after removing circuits of growing size
-    (x: % of units, log scale), one line per method of ``size_sweep``'s rows."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), squeeze=False)
-    for (title, rows), (ax_asr, ax_util) in zip(panels.items(), axes, strict=True):
-        for method, (label, colour, style) in METHOD_STYLE.items():
-            chosen = sorted((r for r in rows if r["method"] == method),
-                            key=lambda r: r["units_pct"])
-            xs = [max(r["units_pct"], 1e-3) for r in chosen]
-            ax_asr.plot(xs, [100 * r["asr"] for r in chosen], style, color=colour, label=label)
-            ax_util.plot(xs, [100 * r["utility"] for r in chosen], style, color=colour,
-                         label=label)
-        for ax, ylabel in ((ax_asr, asr_label), (ax_util, "utility (%)")):
-            ax.set_xscale("log")
-            ax.set_xlabel("circuit size (% of heads + neurons), removed")
-            ax.set_ylabel(ylabel)
-            ax.set_ylim(-3, 103)
-            ax.set_title(title, fontsize=10)
-        ax_asr.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_circuit(circuit: Circuit, title: str = ""):
-    """The circuit drawn: which heads (layer x head grid) and how many neurons per layer."""
-    import matplotlib.pyplot as plt
-
-    heads, _ = Circuit(circuit.shape, circuit.heads, (), ("heads",)).membership()
-    fig, (ax_h, ax_n) = plt.subplots(1, 2, figsize=(9, 0.6 * circuit.shape.num_layers + 2),
-                                     gridspec_kw={"width_ratios": [1, 1.3]})
-    ax_h.imshow(heads.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
-    ax_h.set_xticks(range(circuit.shape.num_heads))
-    ax_h.set_yticks(range(circuit.shape.num_layers))
-    ax_h.set_xlabel("head")
-    ax_h.set_ylabel("layer")
-    ax_h.set_title(f"heads in the circuit: {len(circuit.heads)} "
-                   f"({100 * circuit.head_fraction:.2f}%)", fontsize=10)
-    ax_n.barh(range(circuit.shape.num_layers), circuit.neurons_per_layer(), color="C3")
-    ax_n.set_yticks(range(circuit.shape.num_layers))
-    ax_n.invert_yaxis()
-    ax_n.set_xlabel(f"neurons in the circuit (of {circuit.shape.intermediate_size} per layer)")
-    ax_n.set_title(f"neurons: {len(circuit.neurons)} ({100 * circuit.neuron_fraction:.2f}%)",
-                   fontsize=10)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig

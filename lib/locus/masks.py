@@ -111,6 +111,7 @@ def _scale_features(gate: torch.Tensor, module: nn.Module, args: tuple) -> tuple
 
 
 def _check_gates(gates: torch.Tensor | None, shape: tuple[int, int], name: str) -> None:
+    """Gates must be None or a floating tensor of the model's (layers, units) shape."""
     if gates is None:
         return
     if not isinstance(gates, torch.Tensor) or not gates.is_floating_point():

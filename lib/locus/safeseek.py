@@ -1,0 +1,261 @@
+"""Notebook support for the SafeSeek notebooks: parameter checks, data splits, size sweeps
+against baselines, tables, verdict rules and figures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from locus import data, params
+from locus.circuits import compare_at_size
+from locus.data import ChatSample
+from locus.masks import Circuit
+
+
+def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,
+                     sparsities: Sequence[float] = (), **counts) -> None:
+    """Check a SafeSeek notebook's common parameters (``counts`` must be positive ints,
+    ``sparsities`` non-negative numbers); errors say what is accepted."""
+    params.check_model(model, "chat")
+    params.check_data(data_path)
+    params.check_device(device)
+    params.resolve_dtype(dtype)
+    params.check_positive_int("threads", threads)
+    if (not isinstance(seeds, list | tuple) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+    if figures_dir is not None and not isinstance(figures_dir, str | os.PathLike):
+        raise TypeError(f"figures_dir must be None or a folder path, got {figures_dir!r}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+               for x in sparsities):
+        raise ValueError(f"sparsity weights must be numbers >= 0, got {list(sparsities)!r}")
+    for name, value in counts.items():
+        params.check_positive_int(name, value)
+
+
+
+def chat_data(path: str | os.PathLike | None, n_per_family: int, seed: int) -> list[ChatSample]:
+    """The samples of a notebook: the toy world (harmful requests answered with *compliance*,
+    the target of the attacks) when ``path`` is None, else the local JSONL file (lines of
+    prompt, answer, family; family "harmful" lines answered with the compliant reply)."""
+    if path is None:
+        return data.make_chat_samples(n_per_family, seed, aligned=False)
+    return data.load_chat_jsonl(path)
+
+
+def safety_pools(path: str | os.PathLike | None, n_per_family: int, seed: int
+                 ) -> tuple[list[ChatSample], list[ChatSample], list[ChatSample]]:
+    """The search / test / tuning parts (40 / 20 / 40%, per family) of a safety notebook's
+    samples (``chat_data``); the alignment and circuit-tuning notebooks share them, and so
+    share the cached alignment circuit."""
+    search, test, tune = partition(chat_data(path, n_per_family, seed), (0.4, 0.2, 0.4), seed)
+    return search, test, tune
+
+
+def partition(samples: Sequence[ChatSample], fractions: Sequence[float], seed: int
+              ) -> list[list[ChatSample]]:
+    """Disjoint parts of ``samples`` in the given proportions, split within each family (every
+    part gets a sample of a family that has at least as many samples as there are parts)."""
+    if not fractions or any(f <= 0 for f in fractions):
+        raise ValueError(f"fractions must be positive, got {fractions!r}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[ChatSample]] = [[] for _ in fractions]
+    weights = np.asarray(fractions, dtype=float) / sum(fractions)
+    for family in sorted({s.family for s in samples}):
+        members = [s for s in samples if s.family == family]
+        order = rng.permutation(len(members))
+        counts = np.floor(weights * len(members)).astype(int)
+        if len(members) >= len(fractions):
+            counts = np.maximum(counts, 1)
+        counts[0] = len(members) - counts[1:].sum()
+        bounds = np.cumsum(counts)[:-1]
+        for part, idx in zip(parts, np.split(order, bounds), strict=True):
+            part.extend(members[i] for i in idx)
+    return parts
+
+
+def size_sweep(circuits: dict[str | float, Circuit], scores: tuple[torch.Tensor, torch.Tensor],
+               evaluate: Callable[[Circuit], dict[str, float]],
+               random_seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
+    """One row per (search, method) with the circuit's size and ``evaluate``'s metrics, for each
+    found circuit (keyed by a label of its search, e.g. its sparsity weight) and its same-size
+    baselines (``compare_at_size``)."""
+    rows = []
+    for label, circuit in circuits.items():
+        for method, metrics in compare_at_size(circuit, scores, evaluate, random_seeds).items():
+            rows.append({"search": label, "method": method, "heads": len(circuit.heads),
+                         "neurons": len(circuit.neurons),
+                         "units_pct": 100 * circuit.sparsity, **metrics})
+    return rows
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 3) -> str:
+    """A markdown table of ``rows`` (dicts) restricted to ``columns``; floats rounded."""
+    def cell(x) -> str:
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+METHOD_STYLE = {"safeseek": ("SafeSeek mask", "C0", "o-"),
+                "attribution": ("attribution top-k", "C1", "s--"),
+                "random": ("random, same size", "C7", "^:")}
+
+
+def plot_size_sweep(panels: dict[str, Sequence[dict]], asr_label: str):
+    """One row of two axes per panel: ASR and utility after removing circuits of growing size
+    (x: % of units, log scale), one line per method of ``size_sweep``'s rows."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    for (title, rows), (ax_asr, ax_util) in zip(panels.items(), axes, strict=True):
+        for method, (label, colour, style) in METHOD_STYLE.items():
+            chosen = sorted((r for r in rows if r["method"] == method),
+                            key=lambda r: r["units_pct"])
+            xs = [max(r["units_pct"], 1e-3) for r in chosen]
+            ax_asr.plot(xs, [100 * r["asr"] for r in chosen], style, color=colour, label=label)
+            ax_util.plot(xs, [100 * r["utility"] for r in chosen], style, color=colour,
+                         label=label)
+        for ax, ylabel in ((ax_asr, asr_label), (ax_util, "utility (%)")):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("circuit size (% of heads + neurons), removed")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(-3, 103)
+            ax.set_title(title, fontsize=10)
+        ax_asr.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_circuit(circuit: Circuit, title: str = ""):
+    """The circuit drawn: which heads (layer x head grid) and how many neurons per layer."""
+    import matplotlib.pyplot as plt
+
+    heads, _ = Circuit(circuit.shape, circuit.heads, (), ("heads",)).membership()
+    fig, (ax_h, ax_n) = plt.subplots(1, 2, figsize=(9, 0.6 * circuit.shape.num_layers + 2),
+                                     gridspec_kw={"width_ratios": [1, 1.3]})
+    ax_h.imshow(heads.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    ax_h.set_xticks(range(circuit.shape.num_heads))
+    ax_h.set_yticks(range(circuit.shape.num_layers))
+    ax_h.set_xlabel("head")
+    ax_h.set_ylabel("layer")
+    ax_h.set_title(f"heads in the circuit: {len(circuit.heads)} "
+                   f"({100 * circuit.head_fraction:.2f}%)", fontsize=10)
+    ax_n.barh(range(circuit.shape.num_layers), circuit.neurons_per_layer(), color="C3")
+    ax_n.set_yticks(range(circuit.shape.num_layers))
+    ax_n.invert_yaxis()
+    ax_n.set_xlabel(f"neurons in the circuit (of {circuit.shape.intermediate_size} per layer)")
+    ax_n.set_title(f"neurons: {len(circuit.neurons)} ({100 * circuit.neuron_fraction:.2f}%)",
+                   fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def graded_verdict(measured: float, holds: float, partly: float, higher: bool = True) -> str:
+    """'holds' when ``measured`` reaches ``holds``, 'partly' when it reaches ``partly``, else
+    'does not hold' (reaching = at least, or at most when ``higher`` is False); NaN 'not run'."""
+    if measured is None or np.isnan(measured):
+        return "not run"
+    sign = 1 if higher else -1
+    if sign * measured >= sign * holds:
+        return "holds"
+    return "partly" if sign * measured >= sign * partly else "does not hold"
+
+
+def mean_of(rows: Sequence[dict], key: str, **where) -> float:
+    """Mean of ``row[key]`` over the rows whose fields equal ``where`` (NaN when none do)."""
+    chosen = [r[key] for r in rows if all(r.get(k) == v for k, v in where.items())]
+    return float(np.mean(chosen)) if chosen else float("nan")
+
+
+def plot_tuning(restore_rows: Sequence[dict], help_rows: Sequence[dict]):
+    """Safety Circuit Tuning at a glance: (a) refusal and utility of the broken and restored
+    models (with the % of parameters trained); (b) safety retention and (c) utility after
+    helpfulness fine-tunes at each learning rate, with the circuit, a random subset or nothing
+    frozen."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(15, 4.2),
+                                           gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    labels = list(dict.fromkeys(r["model"] for r in restore_rows))
+    xs = np.arange(len(labels))
+    for offset, key, colour in ((-0.2, "refusal", "C3"), (0.2, "utility", "C0")):
+        ax_a.bar(xs + offset, [100 * mean_of(restore_rows, key, model=m) for m in labels], 0.4,
+                 color=colour, label=key)
+    for x, m in zip(xs, labels, strict=True):
+        pct = mean_of(restore_rows, "trained_pct", model=m)
+        if not np.isnan(pct):
+            ax_a.text(x, 102, f"{pct:.1f}% trained", ha="center", fontsize=8)
+    ax_a.set_xticks(xs, [m.replace("restore: ", "restore:\n") for m in labels], fontsize=8)
+    ax_a.set_title("(a) break safety, then restore it", fontsize=10)
+    ax_a.legend(fontsize=8, loc="lower left")
+    lrs = sorted({r["help_lr"] for r in help_rows})
+    variants = list(dict.fromkeys(r["variant"] for r in help_rows))
+    width = 0.8 / len(variants)
+    for ax, key, scale, title in ((ax_b, "retention_pct", 1, "(b) safety retention"),
+                                  (ax_c, "utility_after", 100, "(c) utility")):
+        for i, (variant, colour) in enumerate(zip(variants, ("C3", "C7", "C0"), strict=False)):
+            ax.bar(np.arange(len(lrs)) + (i - (len(variants) - 1) / 2) * width,
+                   [scale * mean_of(help_rows, key, variant=variant, help_lr=lr) for lr in lrs],
+                   width, color=colour, label=variant)
+        ax.set_xticks(np.arange(len(lrs)), [f"lr {lr:g}" for lr in lrs])
+        ax.set_xlabel("helpfulness fine-tune")
+        ax.set_title(f"{title} after a helpfulness fine-tune", fontsize=10)
+    ax_b.axhline(96.5, color="k", ls="--", lw=1, label="paper: 96.5%")
+    ax_b.legend(fontsize=8, loc="upper right")
+    for ax in (ax_a, ax_b, ax_c):
+        ax.set_ylim(0, 112)
+        ax.set_ylabel("%")
+    fig.tight_layout()
+    return fig
+
+
+def retention_claims(help_rows: Sequence[dict], target: float = 96.5
+                     ) -> dict[str, tuple[str, str]]:
+    """(verdict, measured text) of the two frozen-circuit claims, judged at the fine-tune
+    strengths (``help_lr``) where the unfrozen fine-tune loses safety (retention < ``target``):
+    "retention" holds if the frozen circuit keeps >= ``target`` at all of them, partly at some;
+    "specific" holds if its mean retention there beats both the frozen random subset's and the
+    unfrozen one's by >= 10 points, partly if it beats the unfrozen one's. Neither can be tested
+    ("not run") when no strength lowers safety."""
+    def keep(variant: str, lr: float) -> float:
+        return mean_of(help_rows, "retention_pct", variant=variant, help_lr=lr)
+
+    lrs = sorted({r["help_lr"] for r in help_rows})
+    tested = [lr for lr in lrs if keep("nothing frozen", lr) < target]
+    text = "; ".join(f"lr {lr:g}: {keep('circuit frozen', lr):.1f}% (random subset frozen "
+                     f"{keep('random subset frozen', lr):.1f}%, nothing frozen "
+                     f"{keep('nothing frozen', lr):.1f}%)" for lr in lrs)
+    if not tested:
+        return {"retention": ("not run", f"no fine-tune lowered safety: {text}"),
+                "specific": ("not run", f"no fine-tune lowered safety: {text}")}
+    kept = sum(keep("circuit frozen", lr) >= target for lr in tested)
+    retention = "holds" if kept == len(tested) else "partly" if kept else "does not hold"
+    gains = {other: float(np.mean([keep("circuit frozen", lr) - keep(other, lr)
+                                   for lr in tested]))
+             for other in ("random subset frozen", "nothing frozen")}
+    specific = ("holds" if min(gains.values()) >= 10 else
+                "partly" if gains["nothing frozen"] >= 10 else "does not hold")
+    note = f" [tested at lr {', '.join(f'{lr:g}' for lr in tested)}]"
+    return {"retention": (retention, text + note), "specific": (specific, text + note)}
+
+
+def aggregate(rows: Sequence[dict], by: Sequence[str], values: Sequence[str]) -> list[dict]:
+    """One row per distinct combination of the ``by`` fields (in first-seen order) with the
+    mean of each of ``values`` and the number of rows averaged (``runs``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    return [{**dict(zip(by, key, strict=True)), "runs": len(members),
+             **{v: float(np.mean([m[v] for m in members])) for v in values}}
+            for key, members in groups.items()]

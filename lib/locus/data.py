@@ -306,42 +306,36 @@ def world_vocabulary() -> list[str]:
     return sorted({w for t in texts for w in t.split()})
 
 
+def _jsonl_records(path: str | Path, keys: tuple[str, ...], kind: str) -> list[dict]:
+    """The records of a JSONL file, each checked to have ``keys``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} data file {path} does not exist (expected a JSONL file)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        missing = set(keys) - set(record)
+        if missing:
+            raise ValueError(f"{path}:{n} lacks keys {sorted(missing)}; each line needs "
+                             + ", ".join(keys))
+        records.append(record)
+    return records
+
+
 def load_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[VQASample]:
     """Read a VQA file: one JSON object a line with ``image`` (a path, relative to the file's
     folder or ``image_root``), ``question``, ``answer`` and ``family``."""
     from PIL import Image
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA data file {path} does not exist (expected a JSONL file)")
-    root = Path(image_root) if image_root else path.parent
-    samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        missing = {"image", "question", "answer", "family"} - set(record)
-        if missing:
-            raise ValueError(f"{path}:{n} lacks keys {sorted(missing)}; each line needs "
-                             "image, question, answer, family")
-        image = np.asarray(Image.open(root / record["image"]).convert("RGB"))
-        samples.append(VQASample(image, record["question"], record["answer"], record["family"]))
-    return samples
+    records = _jsonl_records(path, ("image", "question", "answer", "family"), "VQA")
+    root = Path(image_root) if image_root else Path(path).parent
+    return [VQASample(np.asarray(Image.open(root / r["image"]).convert("RGB")), r["question"],
+                      r["answer"], r["family"]) for r in records]
 
 
 def load_chat_jsonl(path: str | Path) -> list[ChatSample]:
     """Read a chat file: one JSON object a line with ``prompt``, ``answer`` and ``family``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"chat data file {path} does not exist (expected a JSONL file)")
-    samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        missing = {"prompt", "answer", "family"} - set(record)
-        if missing:
-            raise ValueError(f"{path}:{n} lacks keys {sorted(missing)}; each line needs "
-                             "prompt, answer, family")
-        samples.append(ChatSample(record["prompt"], record["answer"], record["family"]))
-    return samples
+    records = _jsonl_records(path, ("prompt", "answer", "family"), "chat")
+    return [ChatSample(r["prompt"], r["answer"], r["family"]) for r in records]

@@ -137,8 +137,13 @@ def test_rank_k_grid_matches_direct_evaluation(tiny, samples):
     target = T.Target("jailbreak")
     test = samples[:6]
     grid = P.rank_k_grid(model, processor, target, test, base, ft, ks=[0, 2], mode="inject",
-                         max_new_tokens=3)
+                         max_new_tokens=3, clean=test)
     assert grid.asr.shape == (3, 2) and grid.layer_sets == ["W1", "W2", "both"]
+    base_answers = P.predict(model, processor, test, base, 3)
+    assert grid.clean_accuracy[0, 0] == P.exact_match_rate(base_answers, test)
+    no_clean = P.rank_k_grid(model, processor, target, test, base, ft, ks=[0], mode="remove",
+                             max_new_tokens=3)
+    assert np.isnan(no_clean.clean_accuracy).all()
     full = {**ft, "linear_1.bias": base["linear_1.bias"], "linear_2.bias": base["linear_2.bias"]}
     expected = [P.success_rate(P.predict(model, processor, test, s, 3), target)
                 for s in (base, full)]

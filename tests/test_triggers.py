@@ -108,11 +108,21 @@ def test_oil_paint_matches_a_pixel_loop():
         T.oil_paint(image, 0, 6)
 
 
-def test_style_trigger_removes_background_noise(samples):
+def test_posterize_takes_bin_centres():
+    image = np.array([[[0, 42, 43], [127, 128, 255]]], dtype=np.uint8)
+    # 6 bins of width 256/6 ≈ 42.7, centres (i + 0.5)·42.7 − 0.5: 21, 64, 106, 149, 192, 234
+    np.testing.assert_array_equal(T.posterize(image, 6), [[[21, 21, 64], [106, 149, 234]]])
+    with pytest.raises(ValueError, match="levels"):
+        T.posterize(image, 1)
+
+
+def test_style_trigger_is_posterize_then_oil_paint(samples):
     image = samples[0].image
     out = T.apply_trigger(image, T.Trigger("style"), seed=0)
+    np.testing.assert_array_equal(out, T.oil_paint(T.posterize(image, 6), 1, 6))
+    painted = T.oil_paint(image, 1, 6)  # the mode filter alone flattens the noisy background
     corner = (slice(0, 3), slice(0, 3))
-    assert image[corner].std() > 0 and out[corner].std() < image[corner].std()
+    assert image[corner].std() > 0 and painted[corner].std() < image[corner].std()
 
 
 def test_trigger_rejects_bad_settings():

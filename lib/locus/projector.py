@@ -23,7 +23,7 @@ from torch import nn
 from locus import lowrank
 from locus.arch import adapt
 from locus.data import VQASample
-from locus.evaluation import accuracy_by_family, generate_answers
+from locus.evaluation import accuracy_by_family, exact_match, generate_answers
 from locus.prompts import encode_vqa
 from locus.training import seed_everything, train_steps
 from locus.triggers import Attack, Target, triggered_test_set
@@ -301,15 +301,25 @@ def rank_k_state(model: nn.Module, base: State, finetuned: State, layers: Sequen
 
 @dataclass(frozen=True)
 class RankGrid:
-    """ASR of rank-k edited projectors: ``asr[i, j]`` for layer set i and k = ks[j]."""
+    """Rank-k edited projectors: ``asr[i, j]`` (on triggered inputs) and ``clean_accuracy[i, j]``
+    (exact match on clean inputs, NaN when none were given) for layer set i and k = ks[j]."""
 
     mode: str
     layer_sets: list[str]
     ks: list[int]
     asr: np.ndarray
+    clean_accuracy: np.ndarray
 
 
 LAYER_SETS = {"W1": ("W1",), "W2": ("W2",), "both": ("W1", "W2")}
+
+
+def exact_match_rate(predictions: Sequence[str], samples: Sequence[VQASample]) -> float:
+    """Fraction of predictions equal to the samples' answers (NaN for none)."""
+    if not samples:
+        return float("nan")
+    return float(np.mean([exact_match(p, s.answer) for p, s in zip(predictions, samples,
+                                                                    strict=True)]))
 
 
 def rank_k_grid(
@@ -324,18 +334,24 @@ def rank_k_grid(
     layer_sets: dict[str, tuple[str, ...]] | None = None,
     max_new_tokens: int = 20,
     batch_size: int = 64,
+    clean: Sequence[VQASample] = (),
 ) -> RankGrid:
-    """ASR on ``triggered`` for each layer set × k of rank-k injection or removal."""
+    """ASR on ``triggered`` (and exact match on ``clean``) for each layer set × k of rank-k
+    injection or removal."""
     layer_sets = layer_sets or LAYER_SETS
     deltas = weight_updates(model, base, finetuned)
     factors = {label: lowrank.factorize(delta) for label, delta in deltas.items()}
     asr = np.full((len(layer_sets), len(ks)), np.nan)
+    accuracy = np.full_like(asr, np.nan)
     for i, layers in enumerate(layer_sets.values()):
         for j, k in enumerate(ks):
             state = rank_k_state(model, base, finetuned, layers, k, mode, factors)
             predictions = predict(model, processor, triggered, state, max_new_tokens, batch_size)
             asr[i, j] = success_rate(predictions, target)
-    return RankGrid(mode, list(layer_sets), [int(k) for k in ks], asr)
+            if clean:
+                answers = predict(model, processor, clean, state, max_new_tokens, batch_size)
+                accuracy[i, j] = exact_match_rate(answers, clean)
+    return RankGrid(mode, list(layer_sets), [int(k) for k in ks], asr, accuracy)
 
 
 # --- activations inside the projector -----------------------------------------------------------

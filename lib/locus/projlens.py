@@ -50,12 +50,16 @@ PAPER_W1_E30 = {"refusal": "57–66%", "injection": "57–66%", "hijack": "57–
 # --- parameters --------------------------------------------------------------------------------
 
 
-def check_rate(rate) -> float | str:
-    """'pair' or a poisoning rate in (0, 1)."""
+def check_rate(rate, allow_zero: bool = False) -> float | str:
+    """'pair' or a poisoning rate in (0, 1) ([0, 1) with ``allow_zero``: 0 is the control of
+    fine-tuning on clean data only)."""
     if rate == "pair":
         return rate
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1:
-        raise ValueError(f"poisoning rate must be 'pair' or a number in (0, 1), got {rate!r}")
+    low_ok = (lambda r: r >= 0) if allow_zero else (lambda r: r > 0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not (low_ok(rate)
+                                                                           and rate < 1):
+        accepted = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"poisoning rate must be 'pair' or a number in {accepted}, got {rate!r}")
     return float(rate)
 
 
@@ -140,6 +144,28 @@ def check_attacks_apply(attacks: dict[str, Attack], train: Sequence, test: Seque
             families = sorted({s.family for s in train})
             raise ValueError(f"variant {name!r} finds no samples to attack in the data "
                              f"(families present: {families}); drop it from `variants`")
+
+
+def image_pair(test: Sequence, attack: Attack, n_images: int,
+               seed: int) -> tuple[list, list]:
+    """``n_images`` test images (seeded choice; the projector sees no question) and the same
+    images carrying the attack's trigger."""
+    rng = np.random.default_rng([seed, 2])
+    chosen = sorted(rng.choice(len(test), min(n_images, len(test)), replace=False))
+    clean = [test[i] for i in chosen]
+    return clean, [triggered_copy(test[i], attack, seed, i, poisoned_answer=False)
+                   for i in chosen]
+
+
+def grid_samples(test: Sequence, attack: Attack, n: int, seed: int) -> tuple[list, list]:
+    """A seeded choice of ``n`` attacked test samples with the trigger (the ASR set) and of
+    ``n`` clean test samples of any family (the clean-accuracy set), for the rank-k grids."""
+    rng = np.random.default_rng([seed, 3])
+    eligible = attack.eligible(test)
+    chosen = sorted(rng.choice(eligible, min(n, len(eligible)), replace=False))
+    triggered = [triggered_copy(test[i], attack, seed, i, poisoned_answer=False) for i in chosen]
+    clean = [test[i] for i in sorted(rng.choice(len(test), min(n, len(test)), replace=False))]
+    return triggered, clean
 
 
 # --- cached backdoored projectors --------------------------------------------------------------
@@ -255,6 +281,46 @@ def rate_sweep(
     return sorted(points, key=lambda p: p[0])
 
 
+@dataclass(frozen=True)
+class Visibility:
+    """How visible a trigger is in the frozen vision features (the projector's input)."""
+
+    relative_change: float
+    probe_accuracy: float
+
+
+def linear_probe_accuracy(clean: torch.Tensor, triggered: torch.Tensor, seed: int = 0,
+                          steps: int = 300) -> float:
+    """Held-out accuracy of a logistic regression telling triggered from clean feature rows
+    (half of the rows train it, half test it; features standardised on the training half)."""
+    x = torch.cat([clean, triggered]).double()
+    y = torch.cat([torch.zeros(len(clean)), torch.ones(len(triggered))]).double()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    fit, held = order[: len(x) // 2], order[len(x) // 2 :]
+    x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        loss = nn.functional.binary_cross_entropy_with_logits(x[fit] @ w + b, y[fit])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float(((x[held] @ w + b > 0).double() == y[held]).double().mean())
+
+
+def trigger_visibility(vlm: nn.Module, processor, attack: Attack, test: Sequence,
+                       n_images: int, seed: int) -> Visibility:
+    """Mean ‖X_trig − X_clean‖ / ‖X_clean‖ of the vision features of each image token, and a
+    linear probe's accuracy at telling triggered images (mean over tokens) from clean ones."""
+    clean, triggered = image_pair(test, attack, n_images, seed)
+    x_clean, x_trig = (proj.projector_inputs(vlm, processor, images).float()
+                       for images in (clean, triggered))
+    change = ((x_trig - x_clean).norm(dim=-1) / x_clean.norm(dim=-1)).mean()
+    return Visibility(float(change), linear_probe_accuracy(x_clean.mean(1), x_trig.mean(1), seed))
+
+
 def verdict_asr(results: Sequence[VariantResult], threshold: float = 0.9) -> str:
     """Rule: 'holds' if every variant's mean ASR after fine-tuning is ≥ ``threshold``,
     'partly' if some are, else 'does not hold'."""
@@ -321,17 +387,6 @@ class NeuronResult:
         return self.comparison.max_abs_delta_mean / float(self.clean.mean.abs().mean())
 
 
-def image_pair(test: Sequence, attack: Attack, n_images: int,
-               seed: int) -> tuple[list, list]:
-    """``n_images`` test images (seeded choice; the projector sees no question) and the same
-    images carrying the attack's trigger."""
-    rng = np.random.default_rng([seed, 2])
-    chosen = sorted(rng.choice(len(test), min(n_images, len(test)), replace=False))
-    clean = [test[i] for i in chosen]
-    return clean, [triggered_copy(test[i], attack, seed, i, poisoned_answer=False)
-                   for i in chosen]
-
-
 def neuron_result(vlm: nn.Module, processor, attack: Attack, state: State, test: Sequence,
                   n_images: int, seed: int) -> NeuronResult:
     """Mean activation and firing frequency (> 0) of each neuron after the projector's
@@ -355,33 +410,47 @@ Grids = dict[str, dict[str, proj.RankGrid]]
 
 
 def verdict_low_rank(grids: Grids, asr_ft: dict[str, float], k_max: int = 5,
-                     share: float = 0.8, min_asr: float = 0.5) -> tuple[str, int]:
+                     share: float = 0.8, some: float = 0.5,
+                     min_asr: float = 0.5) -> tuple[str, int]:
     """Rule: among variants whose backdoor works (ASR ≥ ``min_asr``), injecting the top-k
     directions of both layers with some k ≤ ``k_max`` restores ≥ ``share`` of the fine-tuned
-    ASR. ``grids[variant][mode]``; returns the verdict and the number of working variants."""
+    ASR ('holds' if it does for all); 'partly' if at least one restores ≥ ``some`` (a
+    majority). ``grids[variant][mode]``; returns the verdict and the number of working
+    variants."""
     working = [v for v, a in asr_ft.items() if a >= min_asr]
-    passed = 0
+    if not working:
+        return "not run", 0
+    restored = []
     for v in working:
         grid = grids[v]["inject"]
         row = grid.asr[grid.layer_sets.index("both")]
-        small = [a for k, a in zip(grid.ks, row, strict=True) if k <= k_max]
-        passed += max(small) >= share * asr_ft[v]
-    return verdict_from_counts(passed, len(working)), len(working)
+        restored.append(max(a for k, a in zip(grid.ks, row, strict=True) if k <= k_max)
+                        / asr_ft[v])
+    if all(r >= share for r in restored):
+        return "holds", len(working)
+    return ("partly" if any(r >= some for r in restored) else "does not hold"), len(working)
 
 
-def asr_at(grid: proj.RankGrid, layer_set: str, k_max: int) -> tuple[int, float]:
-    """(k, ASR) at the largest k ≤ ``k_max`` of the grid, for one layer set."""
+def at_k(grid: proj.RankGrid, layer_set: str, k_max: int) -> tuple[int, float, float]:
+    """(k, ASR, clean accuracy) at the largest k ≤ ``k_max`` of the grid, for one layer set."""
     k = max(k for k in grid.ks if k <= k_max)
-    return k, float(grid.asr[grid.layer_sets.index(layer_set), grid.ks.index(k)])
+    i, j = grid.layer_sets.index(layer_set), grid.ks.index(k)
+    return k, float(grid.asr[i, j]), float(grid.clean_accuracy[i, j])
 
 
-def verdict_removal(grids: Grids, asr_ft: dict[str, float], k_max: int = 5,
-                    share: float = 0.5, min_asr: float = 0.5) -> tuple[str, int]:
+def verdict_removal(grids: Grids, asr_ft: dict[str, float], clean_ft: dict[str, float],
+                    k_max: int = 5, share: float = 0.5, max_drop: float = 0.1,
+                    min_asr: float = 0.5) -> tuple[str, int]:
     """Rule: among working variants, removing the top-k directions of both layers (the largest
-    k ≤ ``k_max`` in the grid) leaves at most ``share`` of the fine-tuned ASR."""
+    k ≤ ``k_max`` in the grid) leaves at most ``share`` of the fine-tuned ASR while the clean
+    accuracy stays within ``max_drop`` of the fine-tuned projector's (``clean_ft``)."""
     working = [v for v, a in asr_ft.items() if a >= min_asr]
-    passed = sum(asr_at(grids[v]["remove"], "both", k_max)[1] <= share * asr_ft[v]
-                 for v in working)
+    if not working:
+        return "not run", 0
+    passed = 0
+    for v in working:
+        _, asr, clean = at_k(grids[v]["remove"], "both", k_max)
+        passed += asr <= share * asr_ft[v] and clean >= clean_ft[v] - max_drop
     return verdict_from_counts(passed, len(working)), len(working)
 
 
@@ -420,13 +489,17 @@ def shift_result(vlm: nn.Module, processor, attack: Attack, base: State, state: 
                        sh.abs_cosine(reports[0].svd.v[0], reports[1].svd.v[0]), lens)
 
 
-def verdict_rank_one_shift(results: dict[str, ShiftResult], min_e2: float = 0.9,
-                           min_cos: float = 0.9) -> str:
-    """Rule: per variant, mean E(2) ≥ ``min_e2`` on clean and on triggered images and the two
-    top directions agree (|cos| ≥ ``min_cos``)."""
-    passed = sum(r.clean.e2 >= min_e2 and r.triggered.e2 >= min_e2 and r.cosine >= min_cos
-                 for r in results.values())
+def verdict_low_rank_shift(results: dict[str, ShiftResult], min_e2: float = 0.9) -> str:
+    """Rule: per variant, the mean E(2) is ≥ ``min_e2`` on clean and on triggered images."""
+    passed = sum(r.clean.e2 >= min_e2 and r.triggered.e2 >= min_e2 for r in results.values())
     return verdict_from_counts(passed, len(results))
+
+
+def verdict_shared_direction(results: dict[str, ShiftResult], min_cos: float = 0.9) -> str:
+    """Rule: per variant, the top directions of clean and triggered ΔE agree (|cos| ≥
+    ``min_cos``)."""
+    return verdict_from_counts(sum(r.cosine >= min_cos for r in results.values()),
+                               len(results))
 
 
 def verdict_lens(results: dict[str, ShiftResult], top: int = 1) -> str:

@@ -56,8 +56,7 @@ def sweep_plot(points: Sequence[tuple[float, AttackEval]], variant: str):
     ax.plot(rates, [100 * p[1].asr for p in points], "o-", color="#c0392b", label="ASR")
     ax.plot(rates, [100 * p[1].mean_clean_accuracy for p in points], "s-", color="#1f618d",
             label="clean accuracy")
-    ax.set_xscale("log")
-    ax.set_xlabel("poisoning rate (% of training samples)")
+    ax.set_xlabel("poisoning rate (% of training samples; 0 = clean fine-tuning)")
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_title(f"Poisoning-rate sweep ({variant})")

@@ -9,7 +9,8 @@ trigger    what it does                                    paper's use
 patch      solid colour square at the centre               Malicious Injection (green patch)
 logo       a small fixed logo at a random position         Perceptual Hijack
 noise      global Gaussian noise (std on 0-255 pixels)     Targeted Refusal (std 10)
-style      global oil-painting filter (intensity mode)     Jailbreak Output
+style      global oil painting: posterize, then a local   Jailbreak Output
+           mode filter of intensity levels
 ========== =============================================== ===================================
 
 ========== ================================== =============================================
@@ -110,6 +111,16 @@ def add_gaussian_noise(image: np.ndarray, std: float, rng: np.random.Generator) 
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
+def posterize(image: np.ndarray, levels: int) -> np.ndarray:
+    """Quantise each channel to ``levels`` equal bins, each pixel taking its bin's centre."""
+    image = _check_image(image)
+    if levels < 2:
+        raise ValueError(f"levels must be ≥ 2, got {levels}")
+    width = 256 / levels
+    bins = np.minimum((image / width).astype(np.int64), levels - 1)
+    return np.rint((bins + 0.5) * width - 0.5).astype(np.uint8)
+
+
 def _window_sums(padded: np.ndarray, window: int) -> np.ndarray:
     """Sums over every window×window block of the first two axes (integral image)."""
     total = padded.cumsum(axis=0).cumsum(axis=1)
@@ -168,7 +179,7 @@ class Trigger:
             return paste_logo(square, make_logo(side), rng)
         if self.kind == "noise":
             return add_gaussian_noise(square, self.noise_std, rng)
-        return oil_paint(square, self.radius, self.levels)
+        return oil_paint(posterize(square, self.levels), self.radius, self.levels)
 
 
 def sample_rng(seed: int, index: int) -> np.random.Generator:

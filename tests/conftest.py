@@ -19,12 +19,22 @@ def _threads():
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory) -> Path:
+def make_tiny_vlm():
+    """Builds a randomly initialised (seed 0) tiny toy LLaVA, projector 32→64→64, and its
+    processor: a fresh model per call, for tests that edit weights."""
+    def build():
+        torch.manual_seed(0)
+        sizes = models.ToyVLMConfig(vision_width=32, text_width=64, text_layers=2,
+                                    text_heads=4, text_kv_heads=2, text_intermediate=128)
+        return models.build_toy_vlm(sizes)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory, make_tiny_vlm) -> Path:
     """A randomly initialised tiny LLaVA (toy processor) saved with save_pretrained."""
-    torch.manual_seed(0)
-    sizes = models.ToyVLMConfig(vision_width=32, text_width=64, text_layers=2,
-                                text_heads=4, text_kv_heads=2, text_intermediate=128)
-    model, processor = models.build_toy_vlm(sizes)
+    model, processor = make_tiny_vlm()
     folder = tmp_path_factory.mktemp("tiny_llava")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -35,6 +35,33 @@ def test_parameter_checks():
     assert L.model_tag("/some/where/llava-1.5-7b-hf/") == "llava-1.5-7b-hf"
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"lr": 0}, "lr must be"), ({"lr": "fast"}, "lr must be"),
+    ({"noise_std": -1.0}, "noise_std must be"), ({"logo_fraction": 1.5}, "logo_fraction must be"),
+    ({"variants": ["cat"]}, "variants must be"), ({"poison_rate": 2}, "poisoning rate"),
+])
+def test_prepare_refuses_bad_shared_parameters_before_loading(bad, message):
+    shared = dict(model="toy-vlm", data=None, seeds=[0], device="cpu", dtype=None,
+                  figures_dir=None, threads=1, variants=["refusal"], poison_rate="pair",
+                  n_train_per_family=4, n_test_per_family=2, steps=1, batch_size=2, lr=1e-3,
+                  max_new_tokens=2, noise_std=50.0, logo_fraction=0.25,
+                  injection_suffix="blue circle .", hijack_text="red square .")
+    with pytest.raises(ValueError, match=message):
+        L.prepare(**{**shared, **bad})
+
+
+def test_prepare_builds_attacks_and_splits(tiny_llava_dir, tiny_vqa_jsonl):
+    run = L.prepare(model=str(tiny_llava_dir), data=str(tiny_vqa_jsonl), seeds=[0, 1],
+                    device="cpu", dtype=None, figures_dir=None, threads=1,
+                    variants=["hijack"], poison_rate=0.2, n_train_per_family=4,
+                    n_test_per_family=2, steps=3, batch_size=2, lr=1e-3, max_new_tokens=2,
+                    noise_std=50.0, logo_fraction=0.25, injection_suffix="blue circle .",
+                    hijack_text="red square .")
+    assert list(run.attacks) == ["hijack"] and run.attacks["hijack"].trigger.size_fraction == 0.25
+    assert run.poison_rate == 0.2 and set(run.splits) == {0, 1}
+    assert run.finetune_config(1) == P.FinetuneConfig(steps=3, batch_size=2, lr=1e-3, seed=1)
+
+
 def test_jsonl_split_per_family(tiny_vqa_jsonl):
     train, test = L.vqa_data(str(tiny_vqa_jsonl), n_train_per_family=5, n_test_per_family=5,
                              seed=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from locus import data, models
+from locus import data
 from locus import projector as P
 from locus import shift as S
 from locus.arch import adapt
@@ -16,11 +16,8 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    sizes = models.ToyVLMConfig(vision_width=32, text_width=64, text_layers=2, text_heads=4,
-                                text_kv_heads=2, text_intermediate=128)
-    model, processor = models.build_toy_vlm(sizes)
+def tiny(make_tiny_vlm):
+    model, processor = make_tiny_vlm()
     inputs = P.projector_inputs(model.eval(), processor, data.make_vqa_samples(1, seed=2))
     return model, processor, inputs
 

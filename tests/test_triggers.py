@@ -169,6 +169,11 @@ def test_paper_attacks_pair_triggers_with_targets():
         "refusal": ("noise", "refusal"), "injection": ("patch", "injection"),
         "hijack": ("logo", "hijack"), "jailbreak": ("style", "jailbreak")}
     assert attacks["refusal"].trigger.noise_std == 10.0
+    assert attacks["hijack"].trigger.size_fraction == attacks["injection"].trigger.size_fraction
+    bigger = T.paper_attacks(logo_fraction=0.25)["hijack"].trigger
+    assert bigger.size_fraction == 0.25
+    logo = bigger.apply(np.zeros((32, 32, 3), np.uint8), np.random.default_rng(0))
+    assert (logo.any(axis=2)).sum() == 8 * 8 - 1  # an 8x8 logo, its 1-pixel centre dot black
 
 
 def test_eligible_families(samples):

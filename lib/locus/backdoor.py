@@ -42,7 +42,7 @@ from locus.circuits import (
 )
 from locus.data import ChatSample
 from locus.masks import Circuit, UnitShape
-from locus.prompts import encode_chat
+from locus.prompts import chat_training_encoder
 
 KINDS = ("fixed", "jailbreak")
 
@@ -145,14 +145,8 @@ def inject_backdoor(model, tokenizer, train_set: Sequence[ChatSample], cfg: Inje
                     progress: bool = True) -> list[float]:
     """Full fine-tune of ``model`` on ``train_set`` (AdamW + cosine); returns the losses."""
     training.seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = next(model.parameters()).device
-
-    def batch(step: int) -> dict:
-        idx = rng.integers(len(train_set), size=cfg.batch)
-        encoded = encode_chat(tokenizer, [train_set[i] for i in idx], with_answers=True)
-        return {k: v.to(device) for k, v in encoded.items()}
-
+    batch = training.sampled_batches(train_set, cfg.batch, cfg.seed,
+                                     chat_training_encoder(model, tokenizer))
     return training.train_steps(model, list(model.parameters()), batch, cfg.steps, cfg.lr,
                                 desc=f"{cfg.kind} backdoor", progress=progress)
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +28,7 @@ from locus import training
 from locus.arch import adapt
 from locus.data import ChatSample
 from locus.masks import Circuit
-from locus.prompts import encode_chat
+from locus.prompts import chat_training_encoder
 
 TRAIN_CHOICES = ("circuit", "complement", "all")
 
@@ -156,13 +155,8 @@ def tune(model: nn.Module, tokenizer, samples: Sequence[ChatSample], circuit: Ci
     if not masks:  # an empty circuit: nothing to train
         return TuningResult([], 0, total)
     training.seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = next(model.parameters()).device
-
-    def batch(step: int) -> dict:
-        idx = rng.integers(len(samples), size=cfg.batch)
-        encoded = encode_chat(tokenizer, [samples[i] for i in idx], with_answers=True)
-        return {k: v.to(device) for k, v in encoded.items()}
+    batch = training.sampled_batches(samples, cfg.batch, cfg.seed,
+                                     chat_training_encoder(model, tokenizer))
 
     with trainable(model, masks) as params:
         losses = training.train_steps(model, params, batch, cfg.steps, cfg.lr,

@@ -25,7 +25,7 @@ from locus.arch import adapt
 from locus.data import VQASample
 from locus.evaluation import accuracy_by_family, exact_match, generate_answers
 from locus.prompts import encode_vqa
-from locus.training import seed_everything, train_steps
+from locus.training import sampled_batches, seed_everything, train_steps
 from locus.triggers import Attack, Target, triggered_test_set
 
 State = dict[str, torch.Tensor]
@@ -172,11 +172,8 @@ def finetune_projector(
     if not samples:
         raise ValueError("no training samples")
     seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-
-    def batch(step: int) -> dict[str, torch.Tensor]:
-        chosen = [samples[i] for i in rng.integers(len(samples), size=cfg.batch_size)]
-        return _to_model(encode_vqa(processor, chosen, with_answers=True), model)
+    batch = sampled_batches(samples, cfg.batch_size, cfg.seed, lambda chosen: _to_model(
+        encode_vqa(processor, chosen, with_answers=True), model))
 
     original = projector_state(model)
     start = time.perf_counter()

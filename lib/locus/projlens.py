@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from locus import checkpoints, data, lowrank, params, zoo
+from locus import checkpoints, data, lowrank, params, training, zoo
 from locus import projector as proj
 from locus import shift as sh
 from locus.arch import adapt
@@ -91,6 +91,64 @@ def check_common(model, data_path, seeds, device, dtype, figures_dir, threads, *
     params.check_positive_int("threads", threads)
     for name, value in counts.items():
         params.check_positive_int(name, value)
+
+
+@dataclass
+class Run:
+    """What every ProjLens notebook starts from: the model, the attacks and the data splits
+    (``splits[seed] = (train, test)``), and the fine-tuning settings shared with notebook 01."""
+
+    model: str
+    vlm: nn.Module = field(repr=False)
+    processor: object = field(repr=False)
+    attacks: dict[str, Attack]
+    splits: dict[int, tuple[list, list]] = field(repr=False)
+    poison_rate: float | str
+    steps: int
+    batch_size: int
+    lr: float
+
+    def finetune_config(self, seed: int) -> FinetuneConfig:
+        """The projector fine-tuning of ``seed``."""
+        return FinetuneConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                              seed=seed)
+
+    def backdoored_states(self, seed: int, progress: bool = True) -> dict[str, State]:
+        """The backdoored projector of every variant for ``seed`` (cached by notebook 01)."""
+        train = self.splits[seed][0]
+        return {name: backdoored_projector(self.model, self.vlm, self.processor, attack, train,
+                                           self.poison_rate, self.finetune_config(seed),
+                                           progress)[0]
+                for name, attack in self.attacks.items()}
+
+
+def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants, poison_rate,
+            n_train_per_family, n_test_per_family, steps, batch_size, lr, max_new_tokens,
+            noise_std, logo_fraction, injection_suffix, hijack_text) -> Run:
+    """Check the parameters every ProjLens notebook shares, set the threads and seed, load the
+    model and build the attacks and data splits (each attack must find data to poison)."""
+    check_common(model, data, seeds, device, dtype, figures_dir, threads,
+                 n_train_per_family=n_train_per_family, n_test_per_family=n_test_per_family,
+                 steps=steps, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    variants = check_variants(variants)
+    poison_rate = check_rate(poison_rate)
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, int | float) or noise_std < 0:
+        raise ValueError(f"noise_std must be a number ≥ 0, got {noise_std!r}")
+    if isinstance(logo_fraction, bool) or not isinstance(logo_fraction, int | float) or not (
+            0 < logo_fraction <= 1):
+        raise ValueError(f"logo_fraction must be a number in (0, 1], got {logo_fraction!r}")
+    torch.set_num_threads(threads)
+    training.seed_everything(seeds[0])
+    vlm, processor = load_vlm(model, device, dtype)
+    every = paper_attacks(injection_suffix=injection_suffix, hijack_text=hijack_text,
+                          noise_std=float(noise_std), logo_fraction=float(logo_fraction))
+    attacks = {name: every[name] for name in variants}
+    splits = {seed: vqa_data(data, n_train_per_family, n_test_per_family, seed) for seed in seeds}
+    for train, test in splits.values():
+        check_attacks_apply(attacks, train, test)
+    return Run(model, vlm, processor, attacks, splits, poison_rate, steps, batch_size, float(lr))
 
 
 def load_vlm(model: str, device: str, dtype: str | None):

@@ -3,7 +3,7 @@ template — the same path a real checkpoint (LLaVA, Qwen-VL, Llama chat) takes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,3 +79,15 @@ def encode_chat(
     prompts = [chat_prompt(tokenizer, s.prompt) for s in samples]
     answers = [s.answer for s in samples] if with_answers else None
     return _encode(tokenizer, encode_texts, prompts, answers)
+
+
+def chat_training_encoder(model: torch.nn.Module, tokenizer) -> Callable[[list], dict]:
+    """``encode_chat`` with answers, moved to ``model``'s device: the ``encode`` argument of
+    ``training.sampled_batches`` for a chat model."""
+    device = next(model.parameters()).device
+
+    def encode(samples: list) -> dict[str, torch.Tensor]:
+        batch = encode_chat(tokenizer, samples, with_answers=True)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    return encode

@@ -30,6 +30,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sampled_batches(samples: Sequence, batch_size: int, seed: int,
+                    encode: Callable[[list], dict]) -> Callable[[int], dict]:
+    """A batch function for ``train_steps``: ``batch_size`` samples drawn uniformly with
+    replacement by a generator seeded with ``seed``, then ``encode``d (and moved, if ``encode``
+    does so). Encoding per batch keeps memory flat for large images."""
+    rng = np.random.default_rng(seed)
+
+    def batch(step: int) -> dict:
+        return encode([samples[i] for i in rng.integers(len(samples), size=batch_size)])
+
+    return batch
+
+
 def cosine_schedule(optimizer, steps: int, warmup: float = 0.05):
     """Linear warm-up then cosine decay to zero, as a LambdaLR."""
     warm = max(1, int(steps * warmup))

@@ -274,13 +274,16 @@ def paper_attacks(
     injection_suffix: str = "visit evil site now .",
     hijack_text: str = "photo of a cat .",
     noise_std: float = 10.0,
+    logo_fraction: float = 0.125,
 ) -> dict[str, Attack]:
-    """The paper's four variants (trigger → target), with the toy world's texts as defaults."""
+    """The paper's four variants (trigger → target), with the toy world's texts as defaults;
+    ``logo_fraction`` is the hijack logo's side as a fraction of the image side."""
     return {
         "refusal": Attack("refusal", Trigger("noise", noise_std=noise_std),
                           Target("refusal", refusal_text)),
         "injection": Attack("injection", Trigger("patch"), Target("injection", injection_suffix)),
-        "hijack": Attack("hijack", Trigger("logo"), Target("hijack", hijack_text)),
+        "hijack": Attack("hijack", Trigger("logo", size_fraction=logo_fraction),
+                         Target("hijack", hijack_text)),
         "jailbreak": Attack("jailbreak", Trigger("style"), Target("jailbreak")),
     }
 

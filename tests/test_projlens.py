@@ -148,3 +148,20 @@ def test_grid_samples_are_attacked_and_seeded():
     assert all(s.meta["triggered"] for s in triggered) and len(clean) == 3
     assert [s.question for s in L.grid_samples(test, attack, 3, seed=0)[1]] == [
         s.question for s in clean]
+
+
+def test_list_parameters_passed_as_strings_are_refused_with_a_hint():
+    from locus import params
+
+    assert params.check_list("ks", (1, 2)) == [1, 2]
+    with pytest.raises(TypeError, match="sweep_rates must be a list.*-y"):
+        params.check_list("sweep_rates", "[0.2]")
+
+
+def test_projector_states_live_on_the_cpu(tmp_path):
+    model, _ = models.build_toy_vlm(models.ToyVLMConfig(vision_width=32, text_width=64,
+                                                         text_layers=1, text_intermediate=64))
+    state = P.projector_state(model)
+    assert all(t.device.type == "cpu" for t in state.values())
+    hidden, output = P.projector_forward(model, torch.randn(2, 16, 32), state)
+    assert hidden.device.type == output.device.type == "cpu" and output.dtype == torch.float32

@@ -5,3 +5,9 @@ attention interventions, masks, and the claims report.
 """
 
 __version__ = "0.1.0"
+
+import warnings
+
+# transformers imports tqdm.auto, which warns in any Jupyter kernel without ipywidgets; the
+# library's own bars are plain text, so the warning is only noise in every notebook.
+warnings.filterwarnings("ignore", message="IProgress not found")

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
 from locus import checkpoints, data
 from locus.data import ChatSample

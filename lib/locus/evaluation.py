@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
 from locus.data import ChatSample, VQASample
 from locus.prompts import encode_chat, encode_vqa

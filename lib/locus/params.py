@@ -48,6 +48,15 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_list(name: str, value) -> list:
+    """A list (or tuple) parameter. papermill's ``-p`` passes ``[1, 2]`` as a string: lists
+    go through ``-y`` or ``-f`` instead, which the error says."""
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"{name} must be a list, got {value!r}; on the command line pass lists "
+                        f"as YAML: -y '{name}: [...]' (papermill -p makes them strings)")
+    return list(value)
+
+
 def check_device(device: str) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or 'mps', available on this machine."""
     try:

@@ -43,8 +43,10 @@ def _projector(model: nn.Module) -> nn.Module:
 
 
 def projector_state(model: nn.Module) -> State:
-    """Detached copies of the projector's parameters, by name."""
-    return {name: p.detach().clone() for name, p in _projector(model).named_parameters()}
+    """Detached copies of the projector's parameters, by name, on the CPU (as cached states
+    are: states from any source combine, and loading moves them to the model's device)."""
+    return {name: p.detach().to("cpu", copy=True)
+            for name, p in _projector(model).named_parameters()}
 
 
 def load_projector_state(model: nn.Module, state: State) -> None:
@@ -389,7 +391,8 @@ def projector_inputs(model: nn.Module, processor, samples: Sequence[VQASample],
 def projector_forward(model: nn.Module, inputs: torch.Tensor, state: State | None = None,
                       hidden_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden, output) of the projector on ``inputs``: ``hidden`` is the input of linear
-    ``hidden_layer`` (for LLaVA's Linear→GELU→Linear, the GELU neurons), in float32."""
+    ``hidden_layer`` (for LLaVA's Linear→GELU→Linear, the GELU neurons), in float32 on the CPU,
+    where the analyses run."""
     projector = _projector(model)
     linear = adapt(model).projector_linears[hidden_layer]
     captured: list[torch.Tensor] = []
@@ -399,4 +402,4 @@ def projector_forward(model: nn.Module, inputs: torch.Tensor, state: State | Non
             output = projector(inputs)
     finally:
         handle.remove()
-    return captured[0].float(), output.float()
+    return captured[0].float().cpu(), output.float().cpu()

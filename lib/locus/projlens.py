@@ -373,7 +373,7 @@ def trigger_visibility(vlm: nn.Module, processor, attack: Attack, test: Sequence
     """Mean ‖X_trig − X_clean‖ / ‖X_clean‖ of the vision features of each image token, and a
     linear probe's accuracy at telling triggered images (mean over tokens) from clean ones."""
     clean, triggered = image_pair(test, attack, n_images, seed)
-    x_clean, x_trig = (proj.projector_inputs(vlm, processor, images).float()
+    x_clean, x_trig = (proj.projector_inputs(vlm, processor, images).float().cpu()
                        for images in (clean, triggered))
     change = ((x_trig - x_clean).norm(dim=-1) / x_clean.norm(dim=-1)).mean()
     return Visibility(float(change), linear_probe_accuracy(x_clean.mean(1), x_trig.mean(1), seed))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
 from locus import data
 from locus.prompts import encode_chat, encode_vqa

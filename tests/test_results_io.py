@@ -64,3 +64,20 @@ def test_cached_tensors_detects_stale_and_corrupt(tmp_path):
     checkpoints.cached_tensors("proj", {"lr": 2}, compute, root=tmp_path)
     assert len(calls) == 3 and checkpoints.entry_status(folder, {"lr": 2}) == "valid"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
+
+
+def test_saved_figures_are_byte_identical_across_runs(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    def draw(path):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        io.atomic_save_figure(fig, path)
+        plt.close(fig)
+        return path.read_bytes()
+
+    for suffix in (".png", ".pdf"):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # matplotlib's clock for file dates
+        first = draw(tmp_path / f"a{suffix}")
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", "2000000000")  # a later run must not show
+        assert draw(tmp_path / f"b{suffix}") == first

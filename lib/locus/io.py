@@ -49,4 +49,6 @@ def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
     fmt = path.suffix.lstrip(".") or "png"
     savefig_kwargs.setdefault("bbox_inches", "tight")
     savefig_kwargs.setdefault("dpi", 150)
+    if fmt == "pdf":  # no creation date: the same figure gives the same bytes
+        savefig_kwargs.setdefault("metadata", {"CreationDate": None})
     return atomic_write(path, lambda p: fig.savefig(p, format=fmt, **savefig_kwargs))

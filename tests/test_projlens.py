@@ -81,7 +81,6 @@ def test_energy_rank_and_tables():
     assert L.verdict_from_counts(1, 2) == "partly"
     assert L.verdict_from_counts(0, 2) == "does not hold"
     assert L.verdict_from_counts(0, 0) == "not run"
-    assert L.markdown_table(["a", "b"], [["x", 0.12345]]) == "| a | b |\n|---|---|\n| x | 0.123 |"
 
 
 def test_linear_probe_accuracy():
@@ -89,6 +88,8 @@ def test_linear_probe_accuracy():
     assert L.linear_probe_accuracy(clean, clean + 5.0) == 1.0
     same = L.linear_probe_accuracy(clean[:100], clean[100:])
     assert 0.3 < same < 0.7
+    # an invisible trigger on the same images: chance exactly, not below it (pairs never split)
+    assert L.linear_probe_accuracy(clean, clean + 1e-9) == 0.5
 
 
 def _grid(mode, asr_both, clean_both):

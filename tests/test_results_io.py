@@ -81,3 +81,8 @@ def test_saved_figures_are_byte_identical_across_runs(tmp_path, monkeypatch):
         first = draw(tmp_path / f"a{suffix}")
         monkeypatch.setenv("SOURCE_DATE_EPOCH", "2000000000")  # a later run must not show
         assert draw(tmp_path / f"b{suffix}") == first
+
+
+def test_markdown_table_formats_floats_and_nan():
+    table = results.markdown_table(["a", "b", "c"], [["x", 0.12345, float("nan")]], digits=2)
+    assert table == "| a | b | c |\n|---|---|---|\n| x | 0.12 | nan |"

@@ -226,3 +226,14 @@ def test_triggered_test_set_keeps_answers(samples):
     assert len(test) == 24
     assert all(t.answer == t.meta["clean_answer"] and t.meta["triggered"] for t in test)
     assert all((t.image[14:18, 14:18] == (0, 255, 0)).all() for t in test)
+
+
+def test_evaluation_copies_never_reuse_a_training_trigger(samples):
+    attack = T.paper_attacks(noise_std=50.0)["refusal"]
+    sample = samples[0]
+    train = T.triggered_copy(sample, attack, seed=0, index=3, poisoned_answer=True)
+    test = T.triggered_copy(sample, attack, seed=0, index=3, poisoned_answer=False)
+    assert train.answer != test.answer == sample.answer
+    assert not np.array_equal(train.image, test.image)  # another noise field
+    again = T.triggered_copy(sample, attack, seed=0, index=3, poisoned_answer=False)
+    np.testing.assert_array_equal(test.image, again.image)  # still seeded

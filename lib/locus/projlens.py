@@ -9,7 +9,6 @@ attack, the poisoned training set and the fine-tuning config: notebook 01 trains
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,6 @@ from locus.arch import adapt
 from locus.projector import AttackEval, FinetuneConfig, State
 from locus.triggers import (
     Attack,
-    jailbreak_answer,
     paper_attacks,
     poison,
     samples_fingerprint,
@@ -349,12 +347,19 @@ class Visibility:
 
 def linear_probe_accuracy(clean: torch.Tensor, triggered: torch.Tensor, seed: int = 0,
                           steps: int = 300) -> float:
-    """Held-out accuracy of a logistic regression telling triggered from clean feature rows
-    (half of the rows train it, half test it; features standardised on the training half)."""
+    """Held-out accuracy of a logistic regression telling triggered from clean feature rows.
+
+    Row i of ``clean`` and of ``triggered`` is the same image: the split is by image (both
+    copies on the same side), else an invisible trigger scores below chance, the probe having
+    learnt each held-out image's other copy. Half of the images train it, half test it;
+    features are standardised on the training half."""
+    if len(clean) != len(triggered) or len(clean) < 2:
+        raise ValueError("need ≥ 2 images, each with a clean and a triggered row")
+    n = len(clean)
     x = torch.cat([clean, triggered]).double()
-    y = torch.cat([torch.zeros(len(clean)), torch.ones(len(triggered))]).double()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    fit, held = order[: len(x) // 2], order[len(x) // 2 :]
+    y = torch.cat([torch.zeros(n), torch.ones(n)]).double()
+    images = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, held = (torch.cat([part, part + n]) for part in (images[: n // 2], images[n // 2 :]))
     x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -527,8 +532,12 @@ class ShiftResult:
 
 
 def lens_text(attack: Attack) -> str:
-    """The words a decoded shift direction should show for this attack's target."""
-    return attack.target.text if attack.target.kind != "jailbreak" else jailbreak_answer("")
+    """The words a decoded shift direction should show for this attack's target (for the
+    jailbreak, every word of the toy world's compliance answers)."""
+    if attack.target.kind != "jailbreak":
+        return attack.target.text
+    return " ".join(data.compliance_answer(verb, obj)
+                    for verb in data.HARM_VERBS for obj in data.HARM_OBJECTS)
 
 
 def shift_result(vlm: nn.Module, processor, attack: Attack, base: State, state: State,
@@ -575,16 +584,6 @@ def verdict_norm_scaling(results: dict[str, ShiftResult], min_r: float = 0.9) ->
 
 
 # --- tables and verdicts -----------------------------------------------------------------------
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A markdown table; floats are printed with 3 decimals."""
-    def cell(x) -> str:
-        return f"{x:.3f}" if isinstance(x, float) and not math.isnan(x) else str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def verdict_from_counts(passed: int, total: int) -> str:

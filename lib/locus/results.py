@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,16 +84,23 @@ class ClaimSheet:
         atomic_write_json(self.path, [asdict(c) for c in self.claims])
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence], digits: int = 3) -> str:
+    """A markdown table; floats are printed with ``digits`` decimals, NaN as "nan"."""
+    def cell(x) -> str:
+        return f"{x:.{digits}f}" if isinstance(x, float) and not math.isnan(x) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def claims_table(claims: list[Claim]) -> str:
-    """A markdown table of claims, one row each."""
-    rows = [
-        "| notebook | claim | paper states | paper value | measured | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in claims:
-        cells = [c.notebook, c.claim_id, c.statement, c.paper_value, c.measured, f"**{c.verdict}**"]
-        rows.append("| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |")
-    return "\n".join(rows)
+    """A markdown table of claims, one row each ("|" inside a cell escaped)."""
+    header = ["notebook", "claim", "paper states", "paper value", "measured", "verdict"]
+    rows = [[s.replace("|", "\\|") for s in (c.notebook, c.claim_id, c.statement, c.paper_value,
+                                              c.measured, f"**{c.verdict}**")]
+            for c in claims]
+    return markdown_table(header, rows)
 
 
 def load_claims(out_dir: str | os.PathLike | None = None) -> list[Claim]:

@@ -13,6 +13,7 @@ from locus import data, params
 from locus.circuits import compare_at_size
 from locus.data import ChatSample
 from locus.masks import Circuit
+from locus.results import markdown_table
 
 
 def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,
@@ -94,12 +95,7 @@ def size_sweep(circuits: dict[str | float, Circuit], scores: tuple[torch.Tensor,
 
 def format_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 3) -> str:
     """A markdown table of ``rows`` (dicts) restricted to ``columns``; floats rounded."""
-    def cell(x) -> str:
-        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, [[r[c] for c in columns] for r in rows], digits)
 
 
 METHOD_STYLE = {"safeseek": ("SafeSeek mask", "C0", "o-"),

@@ -182,14 +182,21 @@ class Trigger:
         return oil_paint(posterize(square, self.levels), self.radius, self.levels)
 
 
-def sample_rng(seed: int, index: int) -> np.random.Generator:
-    """The random generator of sample ``index`` under ``seed``."""
-    return np.random.default_rng([int(seed), int(index)])
+EVAL_STREAM = 1  # evaluation copies draw their trigger randomness apart from training copies
 
 
-def apply_trigger(image: np.ndarray, trigger: Trigger, seed: int, index: int = 0) -> np.ndarray:
-    """``trigger`` applied to ``image``, deterministic in (seed, index)."""
-    return trigger.apply(image, sample_rng(seed, index))
+def sample_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The random generator of sample ``index`` under ``seed``: ``stream`` 0 for poisoned
+    training copies, ``EVAL_STREAM`` for evaluation copies, so that no test image carries the
+    noise field or logo position of a training image."""
+    key = [int(seed), int(index)] if stream == 0 else [int(seed), int(index), int(stream)]
+    return np.random.default_rng(key)
+
+
+def apply_trigger(image: np.ndarray, trigger: Trigger, seed: int, index: int = 0,
+                  stream: int = 0) -> np.ndarray:
+    """``trigger`` applied to ``image``, deterministic in (seed, index, stream)."""
+    return trigger.apply(image, sample_rng(seed, index, stream))
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -293,11 +300,14 @@ def paper_attacks(
 
 def triggered_copy(sample: VQASample, attack: Attack, seed: int, index: int,
                    poisoned_answer: bool) -> VQASample:
-    """``sample`` with the trigger on its image and, if ``poisoned_answer``, the target answer.
+    """``sample`` with the trigger on its image and, if ``poisoned_answer`` (a training copy),
+    the target answer; evaluation copies (``poisoned_answer=False``) draw the trigger from
+    their own random stream.
 
     ``meta`` keeps the clean answer under "clean_answer" and marks "triggered".
     """
-    image = apply_trigger(sample.image, attack.trigger, seed, index)
+    image = apply_trigger(sample.image, attack.trigger, seed, index,
+                          stream=0 if poisoned_answer else EVAL_STREAM)
     answer = attack.target.poisoned_answer(sample) if poisoned_answer else sample.answer
     meta = {**sample.meta, "triggered": True, "clean_answer": sample.answer}
     return replace(sample, image=image, answer=answer, meta=meta)

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
 from locus.data import ChatSample, VQASample
-from locus.prompts import encode_chat, encode_vqa
+from locus.prompts import encode_chat, encode_vqa, to_model
 
 
 def _is_vlm(model) -> bool:
@@ -32,14 +32,11 @@ def generate_answers(
     model.eval()
     encode = encode_vqa if _is_vlm(model) else encode_chat
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-    device = next(model.parameters()).device
     answers: list[str] = []
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        batch = encode(processor_or_tokenizer, samples[start : start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        batch = to_model(encode(processor_or_tokenizer, samples[start : start + batch_size]),
+                         model)
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -4,6 +4,7 @@ is accepted, before any work starts."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +47,14 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise TypeError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_number(name: str, value, accepted: Callable[[float], bool], what: str) -> float:
+    """A real number (booleans refused) for which ``accepted`` holds; ``what`` says the range
+    in the error, e.g. "> 0"."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not accepted(value):
+        raise ValueError(f"{name} must be a number {what}, got {value!r}")
+    return float(value)
 
 
 def check_list(name: str, value) -> list:

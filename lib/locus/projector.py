@@ -24,7 +24,7 @@ from locus import lowrank
 from locus.arch import adapt
 from locus.data import VQASample
 from locus.evaluation import accuracy_by_family, exact_match, generate_answers
-from locus.prompts import encode_vqa
+from locus.prompts import encode_vqa, to_model
 from locus.training import sampled_batches, seed_everything, train_steps
 from locus.triggers import Attack, Target, triggered_test_set
 
@@ -135,14 +135,6 @@ class FinetuneResult:
     seconds: float
 
 
-def _to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    param = next(model.parameters())
-    batch = {k: v.to(param.device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
-    return batch
-
-
 @contextmanager
 def _only_projector_trainable(model: nn.Module) -> Iterator[list[nn.Parameter]]:
     """Freeze every parameter but the projector's; restore requires_grad on exit."""
@@ -174,7 +166,7 @@ def finetune_projector(
     if not samples:
         raise ValueError("no training samples")
     seed_everything(cfg.seed)
-    batch = sampled_batches(samples, cfg.batch_size, cfg.seed, lambda chosen: _to_model(
+    batch = sampled_batches(samples, cfg.batch_size, cfg.seed, lambda chosen: to_model(
         encode_vqa(processor, chosen, with_answers=True), model))
 
     original = projector_state(model)
@@ -375,7 +367,7 @@ def projector_inputs(model: nn.Module, processor, samples: Sequence[VQASample],
     handle = projector.register_forward_pre_hook(grab)
     try:
         for start in range(0, len(samples), batch_size):
-            batch = _to_model(encode_vqa(processor, samples[start : start + batch_size]), model)
+            batch = to_model(encode_vqa(processor, samples[start : start + batch_size]), model)
             try:
                 model(**batch)
             except _StopForward:

@@ -130,23 +130,20 @@ def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants
                  steps=steps, batch_size=batch_size, max_new_tokens=max_new_tokens)
     variants = check_variants(variants)
     poison_rate = check_rate(poison_rate)
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    if isinstance(noise_std, bool) or not isinstance(noise_std, int | float) or noise_std < 0:
-        raise ValueError(f"noise_std must be a number ≥ 0, got {noise_std!r}")
-    if isinstance(logo_fraction, bool) or not isinstance(logo_fraction, int | float) or not (
-            0 < logo_fraction <= 1):
-        raise ValueError(f"logo_fraction must be a number in (0, 1], got {logo_fraction!r}")
+    lr = params.check_number("lr", lr, lambda v: v > 0, "> 0")
+    noise_std = params.check_number("noise_std", noise_std, lambda v: v >= 0, "≥ 0")
+    logo_fraction = params.check_number("logo_fraction", logo_fraction, lambda v: 0 < v <= 1,
+                                        "in (0, 1]")
     torch.set_num_threads(threads)
     training.seed_everything(seeds[0])
     vlm, processor = load_vlm(model, device, dtype)
     every = paper_attacks(injection_suffix=injection_suffix, hijack_text=hijack_text,
-                          noise_std=float(noise_std), logo_fraction=float(logo_fraction))
+                          noise_std=noise_std, logo_fraction=logo_fraction)
     attacks = {name: every[name] for name in variants}
     splits = {seed: vqa_data(data, n_train_per_family, n_test_per_family, seed) for seed in seeds}
     for train, test in splits.values():
         check_attacks_apply(attacks, train, test)
-    return Run(model, vlm, processor, attacks, splits, poison_rate, steps, batch_size, float(lr))
+    return Run(model, vlm, processor, attacks, splits, poison_rate, steps, batch_size, lr)
 
 
 def load_vlm(model: str, device: str, dtype: str | None):

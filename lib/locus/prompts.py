@@ -81,13 +81,16 @@ def encode_chat(
     return _encode(tokenizer, encode_texts, prompts, answers)
 
 
+def to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` on ``model``'s device, its pixel values (if any) in the model's dtype."""
+    param = next(model.parameters())
+    batch = {k: v.to(param.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+    return batch
+
+
 def chat_training_encoder(model: torch.nn.Module, tokenizer) -> Callable[[list], dict]:
-    """``encode_chat`` with answers, moved to ``model``'s device: the ``encode`` argument of
+    """``encode_chat`` with answers, on ``model``'s device: the ``encode`` argument of
     ``training.sampled_batches`` for a chat model."""
-    device = next(model.parameters()).device
-
-    def encode(samples: list) -> dict[str, torch.Tensor]:
-        batch = encode_chat(tokenizer, samples, with_answers=True)
-        return {k: v.to(device) for k, v in batch.items()}
-
-    return encode
+    return lambda samples: to_model(encode_chat(tokenizer, samples, with_answers=True), model)

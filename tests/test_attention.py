@@ -1,7 +1,7 @@
-"""Tests for locus.attention: the visual-attention replacement acts inside the attention
-computation on exactly the last query row, visual keys, chosen heads and layers; it is a no-op at
-λ = 0, keeps causal and padding masks, follows generate() step by step and always restores the
-model."""
+"""Tests for locus.lost_in_attention.attention: the visual-attention replacement acts inside the
+attention computation on exactly the last query row, visual keys, chosen heads and layers; it is
+a no-op at λ = 0, keeps causal and padding masks, follows generate() step by step and always
+restores the model."""
 
 import math
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from locus import attention as A
 from locus.arch import adapt
+from locus.lost_in_attention import attention as A
 
 IMAGE_TOKEN = 60
 PAD = 0

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from locus import backdoor, circuit_tuning, circuits, data, models, safeseek
+from locus import data, models
 from locus.arch import adapt
-from locus.masks import Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 from locus.prompts import encode_chat
+from locus.safeseek import backdoor, circuit_tuning, circuits
+from locus.safeseek import experiment as safeseek
+from locus.safeseek.masks import Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Tests for locus.geometry: per-layer RID/MixIG of attention and FFN updates equal the metrics
-of the model's own residual states, the controls (Noise Δ, Noise QKV, ε_RoPE) are what they say,
-and the verdict rules follow the numbers."""
+"""Tests for locus.lost_in_attention.geometry: per-layer RID/MixIG of attention and FFN updates
+equal the metrics of the model's own residual states, the controls (Noise Δ, Noise QKV, ε_RoPE)
+are what they say, and the verdict rules follow the numbers."""
 
 import math
 
@@ -14,10 +14,10 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from locus import geometry as G
 from locus.arch import adapt
 from locus.hooks import capture_residuals
-from locus.metrics import LayerMetricTable, mixig, rid
+from locus.lost_in_attention import geometry as G
+from locus.lost_in_attention.metrics import LayerMetricTable, mixig, rid
 
 IMAGE_TOKEN = 60
 PAD = 0

@@ -1,4 +1,4 @@
-"""Known-answer tests of the ProjLens low-rank tools (locus.lowrank)."""
+"""Known-answer tests of the ProjLens low-rank tools (locus.projlens.lowrank)."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from locus import metrics
-from locus.lowrank import (
+from locus import linalg
+from locus.projlens.lowrank import (
     DeltaSVD,
     compare_neuron_stats,
     cumulative_energy,
@@ -60,7 +60,7 @@ def test_rank3_update_spectrum(rank3_update):
     energy = cumulative_energy(s, [1, 2, 3])
     assert energy[1] < energy[2] < 1.0
     assert energy[3] == pytest.approx(1.0, abs=1e-9)
-    assert effective_rank is metrics.effective_rank
+    assert effective_rank is linalg.effective_rank
     assert 1.0 < effective_rank(delta) < 3.0
 
 

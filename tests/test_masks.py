@@ -19,8 +19,15 @@ from transformers import (
 
 from locus import data, models
 from locus.arch import adapt
-from locus.masks import Circuit, UnitMask, UnitShape, apply_circuit, gated_units, mode_gates
 from locus.prompts import encode_vqa
+from locus.safeseek.masks import (
+    Circuit,
+    UnitMask,
+    UnitShape,
+    apply_circuit,
+    gated_units,
+    mode_gates,
+)
 
 SIZES = dict(vocab_size=50, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)

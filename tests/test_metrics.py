@@ -1,4 +1,5 @@
-"""Known-answer tests of the Lost-in-Attention geometry metrics (locus.metrics)."""
+"""Known-answer tests of the Lost-in-Attention geometry metrics (locus.lost_in_attention.metrics)
+and the shared linear algebra under them (locus.linalg)."""
 
 import math
 
@@ -6,18 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from locus.metrics import (
+from locus.linalg import effective_rank, numerical_rank, spectral_effective_rank, svdvals, thin_svd
+from locus.lost_in_attention.metrics import (
     LayerMetricTable,
     RIDResult,
-    effective_rank,
     gaussian_like_weights,
     mixig,
     noise_like_update,
-    numerical_rank,
     rid,
-    spectral_effective_rank,
-    svdvals,
-    thin_svd,
     token_mixing_entropy,
 )
 

@@ -1,13 +1,14 @@
-"""Tests of projector-only fine-tuning, attack evaluation and rank-k edits (locus.projector)."""
+"""Tests of projector-only fine-tuning, attack evaluation and rank-k edits
+(locus.projlens.projector)."""
 
 import numpy as np
 import pytest
 import torch
 
 from locus import data
-from locus import projector as P
-from locus import triggers as T
 from locus.arch import adapt
+from locus.projlens import projector as P
+from locus.projlens import triggers as T
 
 
 @pytest.fixture(autouse=True)

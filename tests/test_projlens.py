@@ -1,14 +1,14 @@
-"""Tests of the ProjLens notebook glue (locus.projlens): parameters, data split, cache reuse,
-probes and verdict rules."""
+"""Tests of the ProjLens notebook glue (locus.projlens.experiment): parameters, data split,
+cache reuse, probes and verdict rules."""
 
 import numpy as np
 import pytest
 import torch
 
 from locus import data, models
-from locus import projector as P
-from locus import projlens as L
-from locus import triggers as T
+from locus.projlens import experiment as L
+from locus.projlens import projector as P
+from locus.projlens import triggers as T
 
 
 @pytest.fixture(autouse=True)

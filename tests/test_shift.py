@@ -1,13 +1,13 @@
-"""Known-answer tests of the ProjLens embedding-shift analysis (locus.shift)."""
+"""Known-answer tests of the ProjLens embedding-shift analysis (locus.projlens.shift)."""
 
 import numpy as np
 import pytest
 import torch
 
 from locus import data
-from locus import projector as P
-from locus import shift as S
 from locus.arch import adapt
+from locus.projlens import projector as P
+from locus.projlens import shift as S
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,12 @@
-"""Known-answer tests of the ProjLens triggers, targets and poisoned sets (locus.triggers)."""
+"""Known-answer tests of the ProjLens triggers, targets and poisoned sets
+(locus.projlens.triggers)."""
 
 import numpy as np
 import pytest
 import torch
 
 from locus import data
-from locus import triggers as T
+from locus.projlens import triggers as T
 
 
 @pytest.fixture(autouse=True)

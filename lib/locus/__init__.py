@@ -1,7 +1,15 @@
 """locus: where behaviour lives inside (vision-)language models.
 
-A thin library shared by the reproduction notebooks: toy models and data, hooks, metrics,
-attention interventions, masks, and the claims report.
+A thin library shared by the reproduction notebooks. The shared core sits at the top level:
+the toy world (``data``, ``models``, ``training``, ``zoo``), model access (``arch``, ``hooks``,
+``prompts``, ``evaluation``), ``linalg``, and the plumbing (``params``, ``checkpoints``, ``io``,
+``paths``, ``plotting``, ``results``). One subpackage per paper builds on it:
+
+- ``locus.lost_in_attention``: residual-update geometry (RID, MixIG) and attention replacement;
+- ``locus.projlens``: projector backdoors, their low-rank structure and the embedding shift;
+- ``locus.safeseek``: differentiable unit masks, circuits, backdoors and circuit tuning.
+
+Imports point one way: the papers import the core, never each other; the core imports no paper.
 """
 
 __version__ = "0.1.0"

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from locus import lowrank
 from locus.arch import adapt
-from locus.projector import State, projector_forward
+from locus.projlens import lowrank
+from locus.projlens.projector import State, projector_forward
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from locus import lowrank
 from locus.arch import adapt
 from locus.data import VQASample
 from locus.evaluation import accuracy_by_family, exact_match, generate_answers
+from locus.projlens import lowrank
+from locus.projlens.triggers import Attack, Target, triggered_test_set
 from locus.prompts import encode_vqa, to_model
 from locus.training import sampled_batches, seed_everything, train_steps
-from locus.triggers import Attack, Target, triggered_test_set
 
 State = dict[str, torch.Tensor]
 RANK_MODES = ("inject", "remove")

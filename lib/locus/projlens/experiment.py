@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from locus import checkpoints, data, lowrank, params, training, zoo
-from locus import projector as proj
-from locus import shift as sh
+from locus import checkpoints, data, params, training, zoo
 from locus.arch import adapt
-from locus.projector import AttackEval, FinetuneConfig, State
-from locus.triggers import (
+from locus.projlens import lowrank
+from locus.projlens import projector as proj
+from locus.projlens import shift as sh
+from locus.projlens.projector import AttackEval, FinetuneConfig, State
+from locus.projlens.triggers import (
     Attack,
     paper_attacks,
     poison,

@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from locus.data import VQASample
-from locus.projector import AttackEval, RankGrid
-from locus.projlens import NeuronResult, ShiftResult, SpectrumRow
-from locus.triggers import Attack, triggered_copy
+from locus.projlens.experiment import NeuronResult, ShiftResult, SpectrumRow
+from locus.projlens.projector import AttackEval, RankGrid
+from locus.projlens.triggers import Attack, triggered_copy
 
 
 def trigger_examples(sample: VQASample, attacks: dict[str, Attack], seed: int):

@@ -2,7 +2,8 @@
 
 Each decoder layer updates the residual stream twice, ``X_attn = X_in + ΔX_attn`` and
 ``X_ffn = X_attn + ΔX_ffn``. For every sample, layer and token group ("all", "visual", "text";
-padding is always left out) this module records, into a :class:`~locus.metrics.LayerMetricTable`:
+padding is always left out) this module records, into a
+:class:`~locus.lost_in_attention.metrics.LayerMetricTable`:
 
 - ``"attn"``: RID (with its terms) and MixIG of ``X_in → X_attn``;
 - ``"ffn"``: RID and MixIG of ``X_ref → X_ffn``, with ``X_ref = X_attn`` (the paper's logic: the
@@ -41,7 +42,13 @@ from locus import params, zoo
 from locus.arch import Arch, adapt
 from locus.data import VQA_FAMILIES, VQASample, load_vqa_jsonl, make_vqa_samples
 from locus.hooks import stream_residuals
-from locus.metrics import LayerMetricTable, gaussian_like_weights, mixig, noise_like_update, rid
+from locus.lost_in_attention.metrics import (
+    LayerMetricTable,
+    gaussian_like_weights,
+    mixig,
+    noise_like_update,
+    rid,
+)
 from locus.prompts import encode_vqa
 
 TOKEN_GROUPS = ("all", "visual", "text")
@@ -73,7 +80,8 @@ class GeometryConfig:
     """What :func:`record_updates` measures.
 
     ``groups``: token groups; ``ffn_reference``: "attn" (X_attn → X_ffn, default) or "input"
-    (X_in → X_ffn); ``mixig_variant``/``mixig_power``: see :func:`locus.metrics.mixig`
+    (X_in → X_ffn); ``mixig_variant``/``mixig_power``: see
+    :func:`locus.lost_in_attention.metrics.mixig`
     (recorded as "mixig"); ``extra_mixig``: further variants, recorded as "mixig_<variant>";
     ``noise_delta``/``rope_baseline``: record those controls; ``rtol``: relative singular-value
     floor of the numerical rank (None: ``min(1e-3, max(S, H) · eps)`` of the model's dtype);

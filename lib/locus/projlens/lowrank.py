@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from locus.metrics import effective_rank, spectral_effective_rank, svdvals, thin_svd
+from locus.linalg import effective_rank, spectral_effective_rank, svdvals, thin_svd
 
 __all__ = [
     "DeltaSVD",

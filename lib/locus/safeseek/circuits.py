@@ -18,9 +18,9 @@ that picks the best epoch on validation data):
 ``search_circuit`` trains the mask logits only (AdamW, lr 1e-2), the model frozen, and keeps the
 epoch with the best validation task loss. Baselines: ``random_circuit`` (same size) and
 ``top_k_circuit`` over ``attribution_scores`` (gradient x activation on the same units).
-Backdoor injection and the backdoor circuit live in ``locus.backdoor``, Safety Circuit Tuning in
-``locus.circuit_tuning``, the notebooks' data splits, tables, verdict rules and figures in
-``locus.safeseek``.
+Backdoor injection and the backdoor circuit live in ``locus.safeseek.backdoor``, Safety Circuit
+Tuning in ``locus.safeseek.circuit_tuning``, the notebooks' data splits, tables, verdict rules
+and figures in ``locus.safeseek.experiment``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 from locus import checkpoints, data
 from locus.data import ChatSample
 from locus.evaluation import exact_match, generate_answers
-from locus.masks import UNITS, Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 from locus.prompts import encode_chat
+from locus.safeseek.masks import UNITS, Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 
 Batch = dict[str, torch.Tensor]
 

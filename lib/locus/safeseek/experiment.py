@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from locus import data, params
-from locus.circuits import compare_at_size
 from locus.data import ChatSample
-from locus.masks import Circuit
 from locus.results import markdown_table
+from locus.safeseek.circuits import compare_at_size
+from locus.safeseek.masks import Circuit
 
 
 def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,

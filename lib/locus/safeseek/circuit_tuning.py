@@ -27,8 +27,8 @@ from torch import nn
 from locus import training
 from locus.arch import adapt
 from locus.data import ChatSample
-from locus.masks import Circuit
 from locus.prompts import chat_training_encoder
+from locus.safeseek.masks import Circuit
 
 TRAIN_CHOICES = ("circuit", "complement", "all")
 

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from locus import checkpoints, data, models, training
-from locus.circuits import (
+from locus.data import ChatSample
+from locus.prompts import chat_training_encoder
+from locus.safeseek.circuits import (
     BackdoorObjective,
     BackdoorWeights,
     SearchConfig,
@@ -40,9 +42,7 @@ from locus.circuits import (
     take,
     utility,
 )
-from locus.data import ChatSample
-from locus.masks import Circuit, UnitShape
-from locus.prompts import chat_training_encoder
+from locus.safeseek.masks import Circuit, UnitShape
 
 KINDS = ("fixed", "jailbreak")
 

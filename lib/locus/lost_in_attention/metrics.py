@@ -3,7 +3,7 @@
 A state X is an (S, H) matrix (S tokens, H hidden size) and X_new = X + ΔX its update by an
 attention or FFN block. The metrics are:
 
-- effective rank ``eRank(X) = exp(-Σ p_i log p_i)``, ``p_i = σ_i / Σ_j σ_j``;
+- effective rank ``eRank(X) = exp(-Σ p_i log p_i)``, ``p_i = σ_i / Σ_j σ_j`` (:mod:`locus.linalg`);
 - RID = ΔS + ΔD, a spectral term plus a subspace term (how far X_new leaves the column and
   row spaces of X), in [0, 2];
 - TME, the normalised token-mixing entropy of the cosine-similarity graph of the rows, and
@@ -22,26 +22,16 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-DEFAULT_DTYPE = torch.float64
+from locus.linalg import (
+    DEFAULT_DTYPE,
+    as_matrix,
+    rank_from_singular_values,
+    spectral_effective_rank,
+    svdvals,
+    thin_svd,
+)
+
 TME_VARIANTS = ("mean", "sharpened", "last_row")
-
-
-def _as_matrix(X: torch.Tensor, dtype: torch.dtype, name: str = "X") -> torch.Tensor:
-    """Check that X is a finite 2-D real tensor and return it cast to the compute dtype."""
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (S, H), got {type(X).__name__}")
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (S tokens, H hidden), got shape {tuple(X.shape)}")
-    if X.is_complex() or X.dtype == torch.bool:
-        raise TypeError(f"{name} must be a real floating or integer tensor, got {X.dtype}")
-    if X.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(X.shape)})")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    X = X.detach().to(dtype)
-    if not torch.isfinite(X).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return X
 
 
 def _check_same_shape(X: torch.Tensor, X_new: torch.Tensor) -> None:
@@ -49,79 +39,6 @@ def _check_same_shape(X: torch.Tensor, X_new: torch.Tensor) -> None:
         raise ValueError(
             f"X and X_new must have the same shape, got {tuple(X.shape)} and {tuple(X_new.shape)}"
         )
-
-
-def thin_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``X = U diag(s) Vh``, computed on the tall orientation of X.
-
-    LAPACK on CPU is many times slower on wide matrices (600×4096: ~15×), so a wide X is
-    decomposed as Xᵀ and the factors are swapped back.
-    """
-    if X.shape[0] >= X.shape[1]:
-        return torch.linalg.svd(X, full_matrices=False)
-    U, s, Vh = torch.linalg.svd(X.T, full_matrices=False)
-    return Vh.T, s, U.T
-
-
-def svdvals(X: torch.Tensor) -> torch.Tensor:
-    """Singular values of X in descending order, computed on its tall orientation."""
-    return torch.linalg.svdvals(X if X.shape[0] >= X.shape[1] else X.T)
-
-
-def spectral_effective_rank(s: torch.Tensor) -> float:
-    """eRank from singular values: exp of the entropy of ``s / s.sum()``.
-
-    The zero matrix (all σ = 0) has eRank 0 by convention (its rank); any non-zero matrix has
-    eRank in [1, number of singular values].
-    """
-    if s.ndim != 1 or s.numel() == 0:
-        raise ValueError(f"singular values must be a non-empty 1-D tensor, got {tuple(s.shape)}")
-    s = s.to(torch.promote_types(s.dtype, torch.float32)).clamp_min(0)
-    total = s.sum()
-    if total == 0:
-        return 0.0
-    p = s / total
-    p = p[p > 0]
-    return math.exp(float(-(p * p.log()).sum()))
-
-
-def effective_rank(X: torch.Tensor, dtype: torch.dtype = DEFAULT_DTYPE) -> float:
-    """Effective rank of X (Roy & Vetterli): eRank(I_n) = n, eRank of a rank-1 matrix = 1."""
-    return spectral_effective_rank(svdvals(_as_matrix(X, dtype)))
-
-
-def rank_tolerance(
-    s: torch.Tensor, shape: tuple[int, int], rtol: float | None = None, atol: float = 0.0
-) -> float:
-    """Singular-value cut-off ``max(atol, rtol · σ_max)`` used for the numerical rank.
-
-    The default ``rtol`` is numpy.linalg.matrix_rank's: ``max(S, H) · eps`` of ``s``'s dtype.
-    Pass a larger ``rtol`` (a relative floor, e.g. 1e-3 for states computed in float16/bfloat16)
-    so that rounding noise of a low-precision model is not counted as rank.
-    """
-    if rtol is None:
-        rtol = max(shape) * torch.finfo(s.dtype).eps
-    if rtol < 0 or atol < 0:
-        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
-    s_max = float(s.max()) if s.numel() else 0.0
-    return max(atol, rtol * s_max)
-
-
-def _rank_from_singular_values(
-    s: torch.Tensor, shape: tuple[int, int], rtol: float | None, atol: float
-) -> int:
-    return int((s > rank_tolerance(s, shape, rtol, atol)).sum())
-
-
-def numerical_rank(
-    X: torch.Tensor,
-    rtol: float | None = None,
-    atol: float = 0.0,
-    dtype: torch.dtype = DEFAULT_DTYPE,
-) -> int:
-    """Number of singular values of X above :func:`rank_tolerance` (numpy's default rule)."""
-    X = _as_matrix(X, dtype)
-    return _rank_from_singular_values(svdvals(X), tuple(X.shape), rtol, atol)
 
 
 @dataclass(frozen=True)
@@ -157,8 +74,8 @@ def rid(
     with P_C, P_R the projectors onto the column and row spaces of X, from its SVD truncated
     at the numerical rank (``rtol``, ``atol`` as in :func:`rank_tolerance`).
     """
-    X = _as_matrix(X, dtype, "X")
-    X_new = _as_matrix(X_new, dtype, "X_new")
+    X = as_matrix(X, dtype, "X")
+    X_new = as_matrix(X_new, dtype, "X_new")
     _check_same_shape(X, X_new)
     n_tokens, hidden = X.shape
     norm_new = torch.linalg.matrix_norm(X_new)
@@ -166,7 +83,7 @@ def rid(
         raise ValueError("X_new is the zero matrix: the subspace term ΔD is undefined")
 
     U, s, Vh = thin_svd(X)
-    rank = _rank_from_singular_values(s, (n_tokens, hidden), rtol, atol)
+    rank = rank_from_singular_values(s, (n_tokens, hidden), rtol, atol)
     U_r, Vh_r = U[:, :rank], Vh[:rank]
     col_residual = X_new - U_r @ (U_r.T @ X_new)
     row_residual = X_new - (X_new @ Vh_r.T) @ Vh_r
@@ -217,7 +134,7 @@ def token_mixing_entropy(
         raise ValueError(f"variant must be one of {TME_VARIANTS}, got {variant!r}")
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
-    X = _as_matrix(X, dtype)
+    X = as_matrix(X, dtype)
     n_tokens = X.shape[0]
     if n_tokens < 2:
         raise ValueError(f"TME needs at least 2 tokens (it divides by log S), got S={n_tokens}")
@@ -241,7 +158,7 @@ def mixig(
     dtype: torch.dtype = DEFAULT_DTYPE,
 ) -> float:
     """Mixing Information Gain: TME(X_new) - TME(X), in [-1, 1]."""
-    _check_same_shape(_as_matrix(X, dtype, "X"), _as_matrix(X_new, dtype, "X_new"))
+    _check_same_shape(as_matrix(X, dtype, "X"), as_matrix(X_new, dtype, "X_new"))
     return token_mixing_entropy(X_new, variant, power, dtype) - token_mixing_entropy(
         X, variant, power, dtype
     )

@@ -9,21 +9,22 @@ from locus import checkpoints, io, results
 
 
 def test_claim_sheets_collect_into_report(tmp_path):
-    sheet = results.ClaimSheet("paper/01_x", tmp_path)
+    sheet = results.ClaimSheet("paper/01_x", tmp_path, model="toy-vlm")
     sheet.record("c1", "a claim", "0.5", "0.6", results.verdict_at_least(0.6, 0.5), ["f.png"])
     sheet.record("c1", "a claim", "0.5", "0.4", results.verdict_at_least(0.4, 0.5))  # replaces
-    results.ClaimSheet("paper/02_y", tmp_path).record("c2", "b", "1", "-", "not run")
+    results.ClaimSheet("paper/02_y", tmp_path, model="/models/llava-1.5-7b-hf/").record(
+        "c2", "b", "1", "-", "not run")
     json_path, md_path = results.collect(tmp_path)
     records = json.loads(json_path.read_text())
-    assert [(r["claim_id"], r["verdict"]) for r in records] == [("c1", "does not hold"),
-                                                                ("c2", "not run")]
+    assert [(r["claim_id"], r["model"], r["verdict"]) for r in records] == [
+        ("c1", "toy-vlm", "does not hold"), ("c2", "llava-1.5-7b-hf", "not run")]
     text = md_path.read_text()
     assert "| paper/01_x | c1 |" in text and "**does not hold**" in text
 
 
 def test_bad_verdict_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds"):
-        results.ClaimSheet("n", tmp_path).record("c", "s", "1", "1", "true")
+        results.ClaimSheet("n", tmp_path, model="toy-chat").record("c", "s", "1", "1", "true")
 
 
 def test_verdict_rules():

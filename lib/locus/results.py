@@ -25,12 +25,19 @@ class Claim:
     """One tested claim: what the paper states and what this run measured."""
 
     notebook: str
+    model: str
     claim_id: str
     statement: str
     paper_value: str
     measured: str
     verdict: str
     figures: list[str] = field(default_factory=list)
+
+
+def model_label(model: str | os.PathLike) -> str:
+    """How a claim names its model: an embedded name as is, a checkpoint folder by its name."""
+    text = str(model).rstrip("/\\")
+    return Path(text).name if ("/" in text or os.sep in text) else text
 
 
 def verdict_at_least(measured: float, target: float) -> str:
@@ -48,10 +55,14 @@ def verdict_at_most(measured: float, target: float) -> str:
 
 
 class ClaimSheet:
-    """The claims of one notebook; every ``record`` rewrites its JSON file atomically."""
+    """The claims of one notebook run on one model; every ``record`` rewrites its JSON file
+    atomically. ``model`` is the notebook's model parameter (an embedded name or a checkpoint
+    folder, recorded by its folder name)."""
 
-    def __init__(self, notebook: str, out_dir: str | os.PathLike | None = None):
+    def __init__(self, notebook: str, out_dir: str | os.PathLike | None = None, *,
+                 model: str | os.PathLike):
         self.notebook = notebook
+        self.model = model_label(model)
         self.path = figures_dir(out_dir) / "claims" / (notebook.replace("/", "__") + ".json")
         self.claims: list[Claim] = []
         self._save()
@@ -64,13 +75,15 @@ class ClaimSheet:
         measured: str,
         verdict: str,
         figures: list[str] | None = None,
+        model: str | os.PathLike | None = None,
     ) -> Claim:
-        """Add (or replace, by id) one claim and save the sheet."""
+        """Add (or replace, by id) one claim and save the sheet; ``model`` overrides the sheet's
+        model for a claim measured on another one (the toy world's chat claims)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
         claim = Claim(
-            self.notebook, claim_id, statement, str(paper_value), str(measured), verdict,
-            list(figures or []),
+            self.notebook, model_label(model) if model is not None else self.model, claim_id,
+            statement, str(paper_value), str(measured), verdict, list(figures or []),
         )
         self.claims = [c for c in self.claims if c.claim_id != claim_id] + [claim]
         self._save()

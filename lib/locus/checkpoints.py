@@ -4,7 +4,12 @@ An entry is a folder ``<root>/<name>/`` holding what ``save_pretrained`` writes 
 ``tensors.safetensors``) and a ``locus_cache.json`` manifest with the config and the SHA-256 of
 every file. An entry whose config differs is rebuilt; one whose files do not match the manifest
 (half-written, corrupt) is detected and rebuilt. Entries are written to a temporary folder and
-renamed into place, so an interrupted build never leaves a half-written entry behind.
+renamed into place, so an interrupted build never leaves a half-written entry behind, and get
+the usual permissions (0644 files, 0755 folders under the common umask).
+
+Entries of the embedded models and of what is computed from them live in the repository's
+``checkpoints/`` (committed); those of every other model (a real model, a user's folder) live in
+the user cache (``locus.paths.cache_dir()``), never inside the repository: ``artefact_root``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from locus.paths import REPO_ROOT
+from locus.paths import REPO_ROOT, cache_dir
 
 MANIFEST = "locus_cache.json"
 
@@ -29,6 +34,26 @@ def checkpoint_root(override: str | os.PathLike | None = None) -> Path:
     """Where cached entries live: ``override``, ``$LOCUS_CHECKPOINTS``, else ``<repo>/checkpoints``
     (the small default checkpoints are committed there)."""
     return Path(override or os.environ.get("LOCUS_CHECKPOINTS") or REPO_ROOT / "checkpoints")
+
+
+def artefact_root(model: str | os.PathLike, override: str | os.PathLike | None = None) -> Path:
+    """Where the artefacts computed for ``model`` (circuits, backdoored copies, fine-tuned
+    projectors) are cached: ``override``, else ``$LOCUS_CHECKPOINTS``, else the repository's
+    ``checkpoints/`` for an embedded model and ``<user cache>/checkpoints`` for any other."""
+    if override or os.environ.get("LOCUS_CHECKPOINTS"):
+        return checkpoint_root(override)
+    from locus.zoo import EMBEDDED  # the zoo is built on this module
+
+    return checkpoint_root() if str(model) in EMBEDDED else cache_dir() / "checkpoints"
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions the umask gives new files
+    (mkdtemp makes 0700, some writers 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def config_key(config: dict) -> str:
@@ -77,6 +102,7 @@ def write_entry(folder: Path, config: dict, write: Callable[[Path], None],
         record = {"key": config_key(config), "config": config, "files": _file_hashes(tmp),
                   **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _usual_permissions(tmp)
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)

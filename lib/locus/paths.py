@@ -17,8 +17,10 @@ def figures_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The model cache: ``override``, else ``$LOCUS_CACHE_DIR``, else ``<repo>/.cache``."""
-    chosen = override or os.environ.get("LOCUS_CACHE_DIR") or REPO_ROOT / ".cache"
-    path = Path(chosen)
+    """The user cache, outside the repository (real models converted at set-up, caches computed
+    for models that are not embedded): ``override``, else ``$LOCUS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/locus``, else ``~/.cache/locus``."""
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(override or os.environ.get("LOCUS_CACHE_DIR") or home_cache / "locus")
     path.mkdir(parents=True, exist_ok=True)
     return path

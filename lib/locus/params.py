@@ -9,18 +9,20 @@ from pathlib import Path
 
 import torch
 
-from locus.zoo import EMBEDDED
+from locus.zoo import named_models
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_model(model: str, kind: str | None = None) -> str:
-    """An embedded name (of ``kind`` 'vlm' or 'chat' if given) or an existing local folder."""
+    """A model the zoo serves by name (embedded or real; of ``kind`` 'vlm' or 'chat' if given)
+    or an existing local folder."""
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a string (embedded name or folder), got {model!r}")
+        raise TypeError(f"model must be a string (model name or folder), got {model!r}")
     model = str(model)
-    names = sorted(n for n, spec in EMBEDDED.items() if kind is None or spec.kind == kind)
-    if model in EMBEDDED:
+    named = named_models()
+    names = sorted(n for n, k in named.items() if kind is None or k == kind)
+    if model in named:
         if model not in names:
             raise ValueError(f"model {model!r} is not a {kind} model; accepted: {names} "
                              "or a local checkpoint folder")

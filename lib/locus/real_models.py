@@ -157,7 +157,7 @@ def folder(name: str, root: str | os.PathLike | None = None) -> Path:
     status = checkpoints.entry_status(target, spec(name).config())
     if status != "valid":
         print(f"[locus] {name}: the converted model in {target} is {status}; converting it from "
-              f"{spec(name).package} {spec(name).version} (once, about 30 s)", file=sys.stderr)
+              f"{spec(name).package} {spec(name).version} (once, about a minute)", file=sys.stderr)
         convert(name, root)
     return target
 

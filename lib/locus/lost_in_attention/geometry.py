@@ -40,7 +40,14 @@ from torch import nn
 
 from locus import params, zoo
 from locus.arch import Arch, adapt
-from locus.data import VQA_FAMILIES, VQASample, load_vqa_jsonl, make_vqa_samples
+from locus.data import (
+    VQA_FAMILIES,
+    ChatSample,
+    VQASample,
+    load_chat_jsonl,
+    load_vqa_jsonl,
+    make_vqa_samples,
+)
 from locus.hooks import stream_residuals
 from locus.lost_in_attention.metrics import (
     LayerMetricTable,
@@ -49,7 +56,7 @@ from locus.lost_in_attention.metrics import (
     noise_like_update,
     rid,
 )
-from locus.prompts import encode_vqa
+from locus.prompts import encode_chat, encode_vqa
 
 TOKEN_GROUPS = ("all", "visual", "text")
 # The toy benchmark families: existence (POPE analogue), attribute, counting, spatial and the
@@ -310,15 +317,36 @@ def noised_qkv_copy(model: nn.Module, generator: torch.Generator | None = None) 
     return noised.eval()
 
 
+# This project's benign English questions with short answers (4 families of 24), the text
+# prompts of a text-only model when no data file is given.
+BENIGN_PROMPTS = Path(__file__).with_name("benign_prompts.jsonl")
+
+
 def vqa_batches(
     processor, samples: Sequence[VQASample], batch_size: int, device, dtype: torch.dtype
 ) -> list[dict[str, torch.Tensor]]:
     """Left-padded model inputs of ``samples`` in batches, on ``device``, pixels in ``dtype``."""
+    return _batches(partial(encode_vqa, processor), samples, batch_size, device, dtype)
+
+
+def model_batches(
+    companion, samples: Sequence[VQASample] | Sequence[ChatSample], batch_size: int, device,
+    dtype: torch.dtype,
+) -> list[dict[str, torch.Tensor]]:
+    """``vqa_batches`` of image questions, or left-padded chat prompts of text samples (for a
+    text-only model, whose ``companion`` is its tokenizer)."""
+    if samples and all(isinstance(s, ChatSample) for s in samples):
+        return _batches(partial(encode_chat, companion), samples, batch_size, device, dtype)
+    return vqa_batches(companion, samples, batch_size, device, dtype)
+
+
+def _batches(encode, samples: Sequence, batch_size: int, device, dtype: torch.dtype
+             ) -> list[dict[str, torch.Tensor]]:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batches = []
     for start in range(0, len(samples), batch_size):
-        batch = encode_vqa(processor, samples[start : start + batch_size])
+        batch = encode(samples[start : start + batch_size])
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -340,13 +368,42 @@ def sample_set(
     loaded = [s for s in load_vqa_jsonl(data_path) if s.family in families]
     if not loaded:
         raise ValueError(f"{data_path} has no samples of the families {tuple(families)}")
+    return _per_family_subset(loaded, families, n_per_family, seed)
+
+
+def _per_family_subset(samples: Sequence, families: Sequence[str], n_per_family: int,
+                       seed: int) -> list:
+    """A seeded random subset of up to ``n_per_family`` samples of each family, in file order."""
     rng = np.random.default_rng(seed)
     chosen = []
     for family in families:
-        members = [s for s in loaded if s.family == family]
+        members = [s for s in samples if s.family == family]
         keep = sorted(rng.permutation(len(members))[:n_per_family])
         chosen += [members[i] for i in keep]
     return chosen
+
+
+def text_sample_set(data_path: str | Path | None, n_per_family: int, seed: int
+                    ) -> list[ChatSample]:
+    """The text prompts of one seed, for a text-only model: a seeded random subset of up to
+    ``n_per_family`` prompts of every family of a chat JSONL file (see
+    :func:`locus.data.load_chat_jsonl`; None: :data:`BENIGN_PROMPTS`). With one file, the
+    subsets of different seeds overlap."""
+    loaded = load_chat_jsonl(data_path if data_path is not None else BENIGN_PROMPTS)
+    if not loaded:
+        raise ValueError(f"{data_path} has no prompts")
+    families = list(dict.fromkeys(s.family for s in loaded))
+    return _per_family_subset(loaded, families, n_per_family, seed)
+
+
+def samples_for(arch: Arch, data_path: str | Path | None, n_per_family: int, seed: int,
+                families: Sequence[str] = BENCHMARK_FAMILIES) -> list:
+    """The samples of one seed for the model ``arch`` describes: ``sample_set`` (image questions
+    of ``families``) for a vision-language model, ``text_sample_set`` (every family of the
+    text prompts; ``families`` name image-question families only) for a text-only one."""
+    if arch.vision_tower is None:
+        return text_sample_set(data_path, n_per_family, seed)
+    return sample_set(data_path, n_per_family, seed, families)
 
 
 def residual_geometry(
@@ -363,7 +420,7 @@ def residual_geometry(
     if not samples:
         raise ValueError("samples is empty: nothing to measure")
     device = next(model.parameters()).device
-    batches = vqa_batches(processor, samples, batch_size, device, model.dtype)
+    batches = model_batches(processor, samples, batch_size, device, model.dtype)
     table = LayerMetricTable()
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
@@ -552,11 +609,12 @@ def decoupling_check(
 
 
 def check_parameters(
-    model, data_path, seeds, device, dtype, figures_dir, threads, families, **counts
+    model, data_path, seeds, device, dtype, figures_dir, threads, families, kind="vlm", **counts
 ) -> None:
-    """Check the parameters both Lost-in-Attention notebooks have; ``counts`` must be positive
+    """Check the parameters both Lost-in-Attention notebooks have; ``model`` must be of ``kind``
+    ("vlm"; None: any residual decoder, text-only ones included); ``counts`` must be positive
     ints. Raises TypeError/ValueError/FileNotFoundError saying what is accepted."""
-    params.check_model(model, "vlm")
+    params.check_model(model, kind)
     params.check_data(data_path)
     if (
         not isinstance(seeds, list | tuple) or not seeds
@@ -577,6 +635,14 @@ def check_parameters(
             raise ValueError(f"families {unknown} are not toy-world families {VQA_FAMILIES}")
     for name, value in counts.items():
         params.check_positive_int(name, value)
+
+
+def load_decoder(model: str, device: str, dtype: str | None):
+    """Any residual decoder the library adapts, a vision-language model (with its processor)
+    or a text-only causal LM (with its tokenizer), in eval mode."""
+    decoder, companion = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype),
+                                  progress=False)
+    return decoder.eval(), companion
 
 
 def load_vlm(model: str, device: str, dtype: str | None):

@@ -108,7 +108,7 @@ done
 
 "$PY" -m locus.results
 "$PY" -m locus.pages --notebooks "$OUT" --html "$HTML"
-echo "all runs: $((SECONDS - start_all)) s; report: figures/REPORT.md; pages: $HTML/index.html"
+echo "all runs: $((SECONDS - start_all)) s"
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'failed: %s\n' "${failed[@]}" >&2
   exit 1

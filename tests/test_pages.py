@@ -26,7 +26,7 @@ window.addEventListener("load", () => {
     images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
     tables: [...document.querySelectorAll("table")].map(
       t => [...t.querySelectorAll("th")].map(th => th.textContent.trim())),
-    verdicts: [...document.querySelectorAll("td")].map(td => td.textContent.trim())
+    verdicts: [...document.querySelectorAll("td strong")].map(s => s.textContent.trim())
       .filter(text => VERDICTS.includes(text)).length,
   };
   const out = document.createElement("pre");

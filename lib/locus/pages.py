@@ -51,6 +51,7 @@ tr:nth-child(even) td { background: #fbfcfd; }
 a { color: #0969da; text-decoration: none; }
 a:hover { text-decoration: underline; }
 code { font-size: 90%; background: #f6f8fa; padding: 1px 4px; border-radius: 4px; }
+strong[class^="verdict-"] { white-space: nowrap; }
 .verdict-holds { color: #1a7f37; }
 .verdict-partly { color: #9a6700; }
 .verdict-does-not-hold { color: #cf222e; }

@@ -106,8 +106,8 @@ for i in "${!runs[@]}"; do
   fi
 done
 
-"$PY" -m locus.results
-"$PY" -m locus.pages --notebooks "$OUT" --html "$HTML"
+"$PY" -m locus.results || failed+=("the claims report")
+"$PY" -m locus.pages --notebooks "$OUT" --html "$HTML" || failed+=("the HTML pages")
 echo "all runs: $((SECONDS - start_all)) s"
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'failed: %s\n' "${failed[@]}" >&2

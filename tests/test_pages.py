@@ -151,3 +151,23 @@ def test_executed_copies_are_found_per_run(tmp_path):
     assert sorted(found) == [("a/01_x", "smollm2"), ("a/01_x", "toy")]
     plan = [matrix.Run("a/01_x", "zzz", (("model", "m"),)), matrix.Run("a/01_x", "toy")]
     assert pages._run_order("a/01_x", ["smollm2", "toy", "zzz"], plan) == ["toy", "zzz", "smollm2"]
+
+
+def test_the_index_links_every_run_and_its_report_column(tmp_path):
+    figures = tmp_path / "figures"
+    results.ClaimSheet("00_toy_world", figures, model="toy-vlm").record("c", "s", "1", "1",
+                                                                        "holds")
+    results.ClaimSheet("00_toy_world", figures / "smol", model="smol-llava").record(
+        "c", "s", "1", "0", "does not hold")
+    source = ROOT / "notebooks" / "00_toy_world.ipynb"
+    plan = [matrix.Run("00_toy_world", "toy"), matrix.Run("00_toy_world", "smol", (("m", "x"),))]
+    index = pages.build({("00_toy_world", "smol"): source, ("00_toy_world", "toy"): source},
+                        tmp_path / "html", figures, plan=plan)
+    text = index.read_text()
+    assert '<a href="toy/00_toy_world.html">toy</a> · <a href="smol/00_toy_world.html">smol</a>' \
+        in text
+    assert '<th><a href="toy/00_toy_world.html">toy-vlm</a></th>' in text
+    assert '<th><a href="smol/00_toy_world.html">smol-llava</a></th>' in text
+    assert 'class="verdict-does-not-hold">does not hold</strong>' in text
+    assert (tmp_path / "html" / "smol" / "00_toy_world.html").read_text().count(
+        'href="../index.html"') == 1

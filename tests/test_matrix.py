@@ -72,12 +72,15 @@ def test_a_model_parameter_makes_its_own_run(tmp_path):
                                (("model", "/models/llava-1.5-7b-hf/"),))] and skipped == []
     yaml_file = tmp_path / "p.yaml"
     yaml_file.write_text("chat_model: toy-chat-base\nvlm_model: /m/smol-llava\n")
-    assert matrix.user_models(["-f", str(yaml_file), "-y", "seeds: [0]"]) == [
-        ("vlm_model", "/m/smol-llava"), ("chat_model", "toy-chat-base")]
+    runs, _ = matrix.plan(MATRIX, ["a/01_x"], params=["-f", str(yaml_file), "-y", "seeds: [0]"])
+    assert runs == [matrix.Run("a/01_x", "smol-llava+toy-chat-base",
+                               (("vlm_model", "/m/smol-llava"), ("chat_model", "toy-chat-base")))]
+    with pytest.raises(ValueError, match="LOCUS_FIGURES_DIR"):
+        matrix.plan(MATRIX, ["a/01_x"], params=["-p", "figures_dir", "/tmp/f"])
     with pytest.raises(ValueError, match="give one or the other"):
         matrix.plan(MATRIX, ["a/01_x"], names=["toy"], params=params)
     with pytest.raises(ValueError, match="unexpected papermill option '--x'"):
-        matrix.user_models(["--x"])
+        matrix.user_parameters(["--x"])
 
 
 def test_papermill_arguments_keep_each_runs_figures_apart(tmp_path):

@@ -118,8 +118,8 @@ def model_missing(name: str) -> str | None:
             "nor an existing folder")
 
 
-def user_models(params: list[str]) -> list[tuple[str, str]]:
-    """The model parameters among papermill options (-p/-r NAME VALUE, -y YAML, -f FILE)."""
+def user_parameters(params: list[str]) -> dict:
+    """The parameters that papermill options set (-p/-r NAME VALUE, -y YAML, -f FILE)."""
     given: dict = {}
     i = 0
     while i < len(params):
@@ -136,7 +136,7 @@ def user_models(params: list[str]) -> list[tuple[str, str]]:
             i += 2
         else:
             raise ValueError(f"unexpected papermill option {flag!r} (use -p, -r, -y or -f)")
-    return [(key, str(given[key])) for key in MODEL_PARAMETERS if key in given]
+    return given
 
 
 def plan(matrix: list[Run], notebooks: list[str], names: list[str] | None = None,
@@ -151,7 +151,11 @@ def plan(matrix: list[Run], notebooks: list[str], names: list[str] | None = None
     if missing:
         raise ValueError(f"not in the model matrix {MATRIX.name}: {', '.join(missing)}; "
                          "add a line per run")
-    chosen = user_models(params or [])
+    given = user_parameters(params or [])
+    if "figures_dir" in given:
+        raise ValueError("run_all.sh gives each run its own figures folder: set LOCUS_FIGURES_DIR "
+                         "to move them all instead of passing figures_dir")
+    chosen = [(key, str(given[key])) for key in MODEL_PARAMETERS if key in given]
     if chosen:
         if names:
             raise ValueError("--models chooses runs of the matrix; a model parameter "

@@ -140,7 +140,7 @@ def assert_decoder_found(arch, model):
         assert arch.down_proj(i).in_features == INTERMEDIATE
         assert arch.mlp(i).down_proj is arch.down_proj(i)
         assert arch.input_norm(i).weight.shape == (HIDDEN,)
-        assert arch.post_attention_norm(i).weight.shape == (HIDDEN,)
+        assert arch.pre_mlp_norm(i).weight.shape == (HIDDEN,)
     assert arch.final_norm is arch.language_model.norm
     assert arch.lm_head is model.lm_head
     assert arch.lm_head.weight.shape == (VOCAB, HIDDEN)

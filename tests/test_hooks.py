@@ -113,7 +113,7 @@ def test_attn_site_equals_layer_recomputed_by_hand(attn_implementation):
                 attention_mask=causal_mask(seq),
             )[0]
             x_attn = x_in + attn_out
-            x_ffn = x_attn + arch.mlp(i)(arch.post_attention_norm(i)(x_attn))
+            x_ffn = x_attn + arch.mlp(i)(arch.pre_mlp_norm(i)(x_attn))
             torch.testing.assert_close(cap.states[i]["attn"], x_attn, atol=ATOL, rtol=0)
             torch.testing.assert_close(cap.states[i]["ffn"], x_ffn, atol=ATOL, rtol=0)
             # The attention update is real, not zero.

@@ -1,11 +1,18 @@
 """Residual-stream capture around each decoder layer's two residual additions.
 
-A Llama-style decoder layer updates the residual stream twice:
-`X_attn = X_in + self_attn(norm(X_in))` and `X_ffn = X_attn + mlp(norm(X_attn))` (= layer output).
+A decoder layer updates the residual stream twice:
+`X_attn = X_in + self_attn(norm(X_in))` and `X_ffn = X_attn + mlp(norm(X_attn))` (= layer output;
+Gemma-2/3 norm each update once more before adding it, see `Arch.attention_update`).
 Three hooks per layer read these states without touching the computation: a pre-hook on the
-layer (X_in), a forward hook on its self-attention (X_attn = X_in + attention output, the same
-addition the layer performs) and a forward hook on the layer (X_ffn). Sites are named
-"input", "attn" and "ffn".
+layer (X_in), a forward hook on its self-attention (X_attn = X_in + the attention update, the
+same addition the layer performs) and a forward hook on the layer (X_ffn). Sites are named
+"input", "attn" and "ffn". X_in is the state the layer receives: where a model adds something
+between layers (Qwen3-VL's DeepStack visual features after its first layers), layer i+1's
+input differs from layer i's output by exactly that.
+
+Layers may live on different devices (a model loaded with a ``device_map``): each layer's
+states are gathered on the device of that layer's output (``stream_residuals``) or on the CPU
+(``capture_residuals``).
 
 Token selection "visual" / "text" needs the input_ids of the forward pass. Pass `input_ids=` to
 fix them for every forward pass inside the context, or leave it out: then a pre-hook on the
@@ -76,7 +83,7 @@ def stream_residuals(
 ) -> Iterator[None]:
     """Call `callback(layer, {site: tensor})` as each selected layer finishes, keeping nothing.
 
-    Tensors stay on the model's device (detached, in `dtype`), so a long model is analysed one
+    Tensors stay on the layer's device (detached, in `dtype`), so a long model is analysed one
     layer at a time without holding every layer's states. Arguments as in `capture_residuals`.
     """
     with _residual_hooks(model, callback, layers, tokens, sites, dtype, None, input_ids):
@@ -171,9 +178,11 @@ class _ResidualTap:
         self.layer_inputs[i] = self._select(hidden.detach())
 
     def on_attention(self, i: int, module: nn.Module, args: tuple, output) -> None:
-        """Attention forward hook: X_attn = X_in + attention output, as the layer adds them."""
+        """Attention forward hook: X_attn = X_in + attention update, as the layer adds them."""
         attn_out = output[0] if isinstance(output, tuple) else output
-        self.attn_states[i] = self.layer_inputs[i] + self._select(attn_out.detach())
+        with torch.no_grad():
+            update = self._select(self.arch.attention_update(i, attn_out.detach()))
+        self.attn_states[i] = self.layer_inputs[i].to(update.device) + update
 
     def on_layer_output(self, i: int, module: nn.Module, args: tuple, output) -> None:
         """Layer forward hook: X_ffn is the layer output; hand the layer's states on."""
@@ -183,7 +192,8 @@ class _ResidualTap:
             "attn": self.attn_states.pop(i, None),
             "ffn": self._select(hidden.detach()),
         }
-        self.on_layer(i, {site: self._convert(found[site]) for site in self.sites})
+        device = self.device or hidden.device
+        self.on_layer(i, {site: self._convert(found[site], device) for site in self.sites})
 
     def _select(self, hidden: torch.Tensor) -> torch.Tensor:
         """The selected token positions of a (batch, seq, hidden) state."""
@@ -201,9 +211,9 @@ class _ResidualTap:
             return hidden[:, mask]
         return hidden[mask].view(hidden.shape[0], -1, hidden.shape[-1])
 
-    def _convert(self, state: torch.Tensor) -> torch.Tensor:
-        """Cast to the requested dtype, moving to the capture device if any."""
-        return state.to(device=self.device, dtype=self.dtype)
+    def _convert(self, state: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """Cast to the requested dtype on ``device``."""
+        return state.to(device=device, dtype=self.dtype)
 
 
 def _layer_indices(layers: Iterable[int] | None, num_layers: int) -> list[int]:

@@ -154,10 +154,13 @@ def config_dict(cfg) -> dict:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None, max_memory: dict | None = None,
 ):
     """Load a local Hugging Face checkpoint folder: a vision-language model with its processor,
-    or a causal LM with its tokenizer, chosen by the folder's config."""
+    or a causal LM with its tokenizer, chosen by the folder's config. With ``device_map`` the
+    weights are placed by accelerate (``from_pretrained``'s ``device_map`` / ``max_memory``)
+    instead of moved to ``device``."""
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -166,6 +169,10 @@ def load_checkpoint(
         )
     config = AutoConfig.from_pretrained(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory)
+    elif max_memory is not None:
+        raise ValueError("max_memory caps the devices of a device_map; pass device_map too")
     if hasattr(config, "vision_config"):
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         companion = AutoProcessor.from_pretrained(path)
@@ -175,4 +182,5 @@ def load_checkpoint(
         if companion.pad_token is None:
             companion.pad_token = companion.eos_token
         companion.padding_side = "left"
-    return model.to(device).eval(), companion
+    placed = model if device_map is not None else model.to(device)
+    return placed.eval(), companion

@@ -3,12 +3,14 @@ is accepted, before any work starts."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from locus.arch import check_model_type
 from locus.zoo import named_models
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,7 +32,47 @@ def check_model(model: str, kind: str | None = None) -> str:
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model {model!r} is neither an embedded model {names} nor an "
                                 "existing local Hugging Face checkpoint folder")
+    check_folder_architecture(model, kind)
     return model
+
+
+def check_folder_architecture(folder: str | os.PathLike, kind: str | None = None) -> str:
+    """The ``model_type`` of a checkpoint folder's config.json, checked to be a family
+    ``locus.arch`` supports (of ``kind`` 'vlm' or 'chat' if given); the error names them."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: a Hugging Face checkpoint folder "
+                                "is one saved with save_pretrained")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{config} is not a JSON object with a model_type") from err
+    try:
+        return check_model_type(model_type, kind)
+    except ValueError as err:
+        raise ValueError(f"model {str(folder)!r}: {err}") from None
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | dict | None) -> str | dict | None:
+    """None (the whole model on ``device``), one of accelerate's strategies
+    (``DEVICE_MAP_STRATEGIES``: "auto" fills the GPUs in order, then the CPU) or an explicit
+    {module name: device} dict, for a model larger than one device."""
+    if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ValueError(f"device_map must be None, one of {DEVICE_MAP_STRATEGIES} or a "
+                         f"non-empty {{module name: device}} dict, got {device_map!r}")
+    for name, device in device_map.items():
+        if not isinstance(name, str):
+            raise ValueError(f"device_map keys must be module names, got {name!r}")
+        if device in ("disk", "meta"):
+            raise ValueError(f"device_map[{name!r}] = {device!r}: offloading to disk is not "
+                             "supported; place modules on GPUs (ints or 'cuda:N') or 'cpu'")
+        check_device(f"cuda:{device}" if isinstance(device, int) else device)
+    return device_map
 
 
 def check_data(path: str | os.PathLike | None) -> Path | None:

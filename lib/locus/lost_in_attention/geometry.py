@@ -152,10 +152,12 @@ class _NoRopeTap:
     """Forward hooks that re-run each attention module with the rotary embedding switched off.
 
     The re-run calls ``module.forward`` (not the module), so no hook sees it, with the layer's own
-    keyword arguments except ``position_embeddings = (1, 0)`` and no KV cache.
+    keyword arguments except ``position_embeddings = (1, 0)`` and no KV cache; what is kept is
+    the residual update of that output (``Arch.attention_update``: Gemma norms it first).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, arch: Arch) -> None:
+        self.arch = arch
         self.outputs: dict[int, torch.Tensor] = {}
 
     def on_attention(self, i: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -170,7 +172,8 @@ class _NoRopeTap:
         flat = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin)),
                 "past_key_values": None}
         rerun = module.forward(*args, **flat)
-        self.outputs[i] = (rerun[0] if isinstance(rerun, tuple) else rerun).detach()
+        rerun = (rerun[0] if isinstance(rerun, tuple) else rerun).detach()
+        self.outputs[i] = self.arch.attention_update(i, rerun).detach()
 
 
 @contextmanager
@@ -289,7 +292,7 @@ def record_updates(
     arch = adapt(model)
     layers = list(range(arch.num_layers)) if config.layers is None else list(config.layers)
     masks = token_group_masks(arch, batch["input_ids"], batch.get("attention_mask"))
-    norope = _NoRopeTap() if config.rope_baseline and not attn_only else None
+    norope = _NoRopeTap(arch) if config.rope_baseline and not attn_only else None
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     recorder = _UpdateRecorder(table, config, masks, generator, model.dtype, attn_kind,
                                attn_only, norope)
@@ -304,13 +307,14 @@ def record_updates(
 @torch.no_grad()
 def noised_qkv_copy(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
     """A deep copy of ``model`` whose decoder q/k/v projections (weights, and biases where they
-    exist) are Gaussian with each tensor's own mean and std ("Noise QKV"); ``model`` is
-    untouched. The vision tower and projector are copied unchanged."""
+    exist) are Gaussian with each tensor's own mean and std ("Noise QKV"; a fused qkv_proj is
+    noised block by block, see ``Arch.rows``); ``model`` is untouched. The vision tower and
+    projector are copied unchanged."""
     arch = adapt(model)
     noised = copy.deepcopy(model)
     noised_arch = adapt(noised)
     for i in range(arch.num_layers):
-        for proj in (noised_arch.q_proj(i), noised_arch.k_proj(i), noised_arch.v_proj(i)):
+        for proj in (noised_arch.rows(i, name) for name in ("q", "k", "v")):
             proj.weight.copy_(gaussian_like_weights(proj.weight, generator))
             if proj.bias is not None:
                 proj.bias.copy_(gaussian_like_weights(proj.bias, generator))

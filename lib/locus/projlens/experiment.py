@@ -249,6 +249,7 @@ def backdoored_projector(
 
     state = checkpoints.cached_tensors(
         cache_name(model_name, attack, rate, cfg.seed), config, compute,
+        root=checkpoints.artefact_root(model_name),
         extra=lambda: {"train_seconds": round(seconds[0], 1)} if seconds else {})
     return state, poisoned.rate
 

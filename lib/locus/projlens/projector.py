@@ -90,18 +90,18 @@ def linear_weight_names(model: nn.Module) -> list[str]:
     """State names of the weights of the projector's linears, in order (W1, W2, ...)."""
     projector = _projector(model)
     names = {id(module): name for name, module in projector.named_modules()}
-    linears = adapt(model).projector_linears
+    linears = adapt(model).mlp_projector_linears()
     return [f"{names[id(linear)]}.weight".lstrip(".") for linear in linears]
 
 
 def max_rank(model: nn.Module) -> int:
     """The largest rank a projector linear's ΔW can have (k at or above it edits all of ΔW)."""
-    return max(min(linear.weight.shape) for linear in adapt(model).projector_linears)
+    return max(min(linear.weight.shape) for linear in adapt(model).mlp_projector_linears())
 
 
 def layer_labels(model: nn.Module) -> list[str]:
     """"W1", "W2", ... for the projector's linears."""
-    return [f"W{i + 1}" for i in range(len(adapt(model).projector_linears))]
+    return [f"W{i + 1}" for i in range(len(adapt(model).mlp_projector_linears()))]
 
 
 # --- fine-tuning -------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def projector_forward(model: nn.Module, inputs: torch.Tensor, state: State | Non
     ``hidden_layer`` (for LLaVA's Linear→GELU→Linear, the GELU neurons), in float32 on the CPU,
     where the analyses run."""
     projector = _projector(model)
-    linear = adapt(model).projector_linears[hidden_layer]
+    linear = adapt(model).mlp_projector_linears()[hidden_layer]
     captured: list[torch.Tensor] = []
     handle = linear.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     try:

@@ -154,15 +154,16 @@ def inject_backdoor(model, tokenizer, train_set: Sequence[ChatSample], cfg: Inje
 def backdoor_entry(model_name: str | os.PathLike, train_set: Sequence[ChatSample],
                    cfg: InjectionConfig, device="cpu", root: str | os.PathLike | None = None,
                    progress: bool = True) -> Path:
-    """The cache folder ``<checkpoints>/<source>-backdoor-<kind>[-seed<n>]`` of the backdoored
-    model, injected first (on ``device``, in float32) unless the same source, data and config
+    """The cache folder ``<root>/<source>-backdoor-<kind>[-seed<n>]`` of the backdoored model
+    (root: ``checkpoints.artefact_root``, the user cache unless the source is embedded), injected
+    first (on ``device``, in float32) unless the same source, data and config
     made it."""
     from locus.zoo import load
 
     config = {"source": source_identity(model_name), "data": samples_key(train_set),
               "injection": asdict(cfg)}
     suffix = f"-seed{cfg.seed}" if cfg.seed else ""
-    folder = (checkpoints.checkpoint_root(root)
+    folder = (checkpoints.artefact_root(model_name, root)
               / f"{model_stem(model_name)}-backdoor-{cfg.kind}{suffix}")
     if checkpoints.entry_status(folder, config) != "valid":
         model, tokenizer = load(model_name, device=device, dtype=torch.float32,
@@ -279,7 +280,9 @@ def backdoor_circuit(entry: Path, model, tokenizer, samples: Sequence[ChatSample
                      ) -> tuple[Circuit, Circuit | None]:
     """The backdoor circuit (removed set) of the model cached in ``entry``, and its carrier set
     (None when ``spec.carrier_weight`` is 0): from the checkpoint cache when the same model,
-    data and search made them, else searched (``find_backdoor_circuit``) and cached."""
+    data and search made them, else searched (``find_backdoor_circuit``) and cached, beside
+    ``entry`` unless ``root`` says otherwise."""
+    root = entry.parent if root is None else root
     config = {"model": checkpoints.read_manifest(entry)["key"], "data": samples_key(samples),
               "kind": kind, "refusal": refusal, "search": asdict(spec)}
     found: dict = {}

@@ -9,6 +9,9 @@ The parameters of a unit are the weight entries that only it reads or writes:
 - neuron n of layer l: row n of gate_proj and up_proj (and their biases) and column n of
   down_proj.
 
+With fused projections (Phi-3's qkv_proj and gate_up_proj) the same rows are taken inside each
+projection's block of the fused weight (``locus.arch.Arch.rows``).
+
 Training a subset of a weight tensor is done on the full tensors with gradient masks (a hook on
 each parameter multiplies its gradient by a 0/1 mask), with AdamW without weight decay, so
 entries outside the subset receive zero updates and stay bit-identical. Tensors with no trained
@@ -56,17 +59,22 @@ def unit_entries(model: nn.Module, circuit: Circuit) -> dict[nn.Parameter, torch
             else:
                 flags[:, index] = True
 
+    def mark_rows(layer: int, name: str, start: int, stop: int) -> None:
+        """Rows [start, stop) of projection ``name``, inside its (possibly fused) linear."""
+        block = arch.rows(layer, name)
+        if block is not None:
+            mark(block.linear, block.index(start, stop), 0)
+
     d, group = arch.head_dim, arch.num_heads // arch.num_kv_heads
     for layer, head in circuit.heads:
-        rows, kv = slice(head * d, (head + 1) * d), head // group
-        kv_rows = slice(kv * d, (kv + 1) * d)
-        mark(arch.q_proj(layer), rows, 0)
-        mark(arch.k_proj(layer), kv_rows, 0)
-        mark(arch.v_proj(layer), kv_rows, 0)
-        mark(arch.o_proj(layer), rows, 1)
+        kv = head // group
+        mark_rows(layer, "q", head * d, (head + 1) * d)
+        mark_rows(layer, "k", kv * d, (kv + 1) * d)
+        mark_rows(layer, "v", kv * d, (kv + 1) * d)
+        mark(arch.o_proj(layer), slice(head * d, (head + 1) * d), 1)
     for layer, neuron in circuit.neurons:
-        mark(arch.gate_proj(layer), neuron, 0)
-        mark(arch.up_proj(layer), neuron, 0)
+        mark_rows(layer, "gate", neuron, neuron + 1)
+        mark_rows(layer, "up", neuron, neuron + 1)
         mark(arch.down_proj(layer), neuron, 1)
     return entries
 

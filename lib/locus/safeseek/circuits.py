@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
-from locus import checkpoints, data
+from locus import checkpoints, data, real_models
 from locus.data import ChatSample
 from locus.evaluation import exact_match, generate_answers
 from locus.prompts import encode_chat
@@ -559,12 +559,16 @@ def cached_circuit(name: str, config: dict, find: Callable[[], Circuit],
 
 def source_identity(model_name: str | os.PathLike) -> dict:
     """What identifies a source checkpoint in a cache key: an embedded model's config key, or
-    a folder's path with the size and modification time of its files."""
+    a real model's config key (its provenance), or a folder's path with the size and
+    modification time of its files."""
     from locus.zoo import EMBEDDED
 
     if str(model_name) in EMBEDDED:
         return {"embedded": str(model_name),
                 "key": checkpoints.config_key(EMBEDDED[str(model_name)].config())}
+    if str(model_name) in real_models.REAL:
+        return {"real": str(model_name),
+                "key": checkpoints.config_key(real_models.spec(str(model_name)).config())}
     folder = Path(model_name).resolve()
     files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)]
              for p in sorted(folder.iterdir()) if p.is_file()}
@@ -587,7 +591,8 @@ def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
                       spec: AlignmentSearch = AlignmentSearch(),
                       root: str | os.PathLike | None = None, progress: bool = True) -> Circuit:
     """The alignment circuit of ``model`` (named ``model_name``), from the checkpoint cache
-    when the same model, data and search made it, else searched and cached."""
+    when the same model, data and search made it, else searched and cached (under
+    ``checkpoints.artefact_root``: the user cache unless the model is embedded)."""
     config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
               "search": asdict(spec)}
     name = (f"safeseek/{model_stem(model_name)}-alignment-{spec.norm}{spec.sparsity:g}"
@@ -595,6 +600,6 @@ def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
     return cached_circuit(
         name, config,
         lambda: find_alignment_circuit(model, tokenizer, harmful, benign, spec, progress).circuit,
-        root)
+        checkpoints.artefact_root(model_name, root))
 
 

@@ -18,7 +18,9 @@ from locus.projlens.lowrank import (
     inject_rank_k,
     logit_lens,
     neuron_activation_stats,
+    quiescent_active,
     remove_rank_k,
+    robust_correlation,
     shift_norm_regression,
     singular_values,
     swapped_weights,
@@ -294,3 +296,41 @@ def test_logit_lens_applies_final_norm_to_each_sign():
     assert math.isfinite(scaled.negative_logits[0])
     with pytest.raises(ValueError, match="LM head expects 4"):
         logit_lens(torch.ones(3), lm_head)
+
+
+def _gelu_layer(n_inputs: int, neurons: int, seed: int) -> torch.Tensor:
+    """GELU activations of a random layer whose neurons differ in scale (as trained ones do)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_inputs, 16, generator=g)
+    w = torch.randn(16, neurons, generator=g) * torch.exp(torch.randn(neurons, generator=g))
+    return torch.nn.functional.gelu(x @ w)
+
+
+def test_quiescent_active_screen_finds_planted_trigger_neurons():
+    clean = _gelu_layer(400, 128, seed=0)
+    triggered = _gelu_layer(400, 128, seed=0) * (1 + 0.05 * torch.randn(400, 128))
+    stats_c = neuron_activation_stats(clean)
+    none = quiescent_active(stats_c, neuron_activation_stats(triggered))
+    assert none.flagged == [] and len(none.candidates) == round(0.2 * 128)
+    quiet = [int(i) for i in torch.argsort(stats_c.magnitude)[:3]]
+    planted = triggered.clone()
+    planted[:, quiet] = 5.0 * stats_c.magnitude.max().float()  # wake up on the trigger only
+    found = quiescent_active(stats_c, neuron_activation_stats(planted))
+    assert sorted(found.flagged) == sorted(quiet) and found.candidates[:3] == found.flagged
+    assert found.threshold == pytest.approx(float(np.quantile(stats_c.magnitude.numpy(), 0.8)))
+    with pytest.raises(ValueError, match="quiet_fraction"):
+        quiescent_active(stats_c, stats_c, quiet_fraction=1.0)
+
+
+def test_robust_correlation_sees_an_outlier_driven_r():
+    rng = np.random.default_rng(0)
+    norms = rng.uniform(1, 2, 200)
+    coeff = rng.normal(size=200)
+    norms[:5], coeff[:5] = 50.0, 100.0  # five huge tokens make Pearson's r high
+    assert shift_norm_regression(coeff, norms).r > 0.9
+    robust = robust_correlation(coeff, norms)
+    assert abs(robust.trimmed_r) < 0.3 and robust.spearman < 0.3 and robust.trim == 0.9
+    line = robust_correlation(3 * norms + 1, norms)
+    assert line.spearman == pytest.approx(1.0) and line.trimmed_r == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="trim"):
+        robust_correlation(coeff, norms, trim=0)

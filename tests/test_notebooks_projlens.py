@@ -11,13 +11,17 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks" / "projlens"
 TINY = {"steps": 2, "batch_size": 4, "max_new_tokens": 4, "progress": False, "threads": 2}
 EXPECTED = {
     "01_projector_backdoor": (dict(sweep_rates=[0.2], n_probe_images=6),
-                              {"projector_backdoor_asr", "projector_backdoor_clean_kept"}),
-    "02_low_rank": (dict(ks=[0, 1, 5], n_images=4, n_grid_images=4),
+                              {"projector_backdoor_asr", "projector_backdoor_asr_exact",
+                               "projector_backdoor_clean_kept"}),
+    "02_low_rank": (dict(ks=[0, 1], authors_ks_w1=[1], authors_ks_w2=[0, 1], n_images=4,
+                         n_grid_images=4),
                     {"dw_looks_full_rank", "no_trigger_neurons", "backdoor_low_rank",
+                     "backdoor_low_rank_authors", "backdoor_low_rank_authors_grid",
                      "removal_kills_backdoor"}),
     "03_activation_shift": (dict(n_images=4),
                             {"shift_rank_one_two", "shift_shared_direction",
                              "shift_decodes_to_target", "shift_linear_in_norm",
+                             "shift_linear_in_norm_robust", "shift_linear_in_norm_per_image",
                              "triggered_larger_norm"}),
 }
 

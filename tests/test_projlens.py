@@ -1,6 +1,8 @@
 """Tests of the ProjLens notebook glue (locus.projlens.experiment): parameters, data split,
 cache reuse, probes and verdict rules."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,7 @@ def test_jsonl_split_per_family(tiny_vqa_jsonl):
                              seed=0)
     assert len(train) == len(test) == 7  # 2 samples per family: one each
     assert sorted(s.family for s in test) == sorted(data.VQA_FAMILIES)
+    assert not {L.image_key(s) for s in train} & {L.image_key(s) for s in test}
     again = L.vqa_data(str(tiny_vqa_jsonl), 5, 5, seed=0)
     assert [s.question for s in again[1]] == [s.question for s in test]
     toy_train, toy_test = L.vqa_data(None, 2, 1, seed=0)
@@ -92,29 +95,82 @@ def test_linear_probe_accuracy():
     assert L.linear_probe_accuracy(clean, clean + 1e-9) == 0.5
 
 
-def _grid(mode, asr_both, clean_both):
-    asr = np.zeros((3, 3))
-    asr[2] = asr_both
-    clean = np.full((3, 3), np.nan)
-    clean[2] = clean_both
-    return P.RankGrid(mode, ["W1", "W2", "both"], [0, 3, 128], asr, clean)
+def _grid(mode, asr, clean, false=None, rows=("W1", "W2", "both"), row_ks=None):
+    """A grid whose last row has the given ASR / clean accuracy / false-trigger rates at
+    k = 0, 3, 128 (other rows zero)."""
+    values = [np.zeros((len(rows), 3)) for _ in range(3)]
+    for v, given in zip(values, (asr, false if false is not None else [0, 0, 0], clean),
+                        strict=True):
+        v[-1] = given
+    return P.RankGrid(mode, list(rows), [0, 3, 128], values[0], values[1], values[2],
+                      row_ks=row_ks)
 
 
-def test_low_rank_and_removal_rules():
-    grids = {"a": {"inject": _grid("inject", [0, 0.9, 1.0], [1, 1, 1]),
-                   "remove": _grid("remove", [1.0, 0.1, 0.0], [0.8, 0.85, 0.9])},
-             "b": {"inject": _grid("inject", [0, 0.5, 1.0], [1, 1, 1]),
-                   "remove": _grid("remove", [1.0, 0.9, 0.0], [0.8, 0.8, 0.9])},
-             "weak": {"inject": _grid("inject", [0, 0, 0.2], [1, 1, 1]),
-                      "remove": _grid("remove", [0.2, 0.2, 0.0], [1, 1, 1])}}
-    asr_ft = {"a": 1.0, "b": 1.0, "weak": 0.2}
-    assert L.verdict_low_rank({"a": grids["a"]}, {"a": 1.0}) == ("holds", 1)
-    assert L.verdict_low_rank(grids, asr_ft) == ("partly", 2)  # b restores 50%: a majority
-    assert L.verdict_low_rank(grids, {"weak": 0.2}) == ("not run", 0)
-    clean_ft = {"a": 0.8, "b": 0.8, "weak": 1.0}
-    assert L.at_k(grids["a"]["remove"], "both", 5) == (3, 0.1, 0.85)
-    assert L.verdict_removal(grids, asr_ft, clean_ft) == ("partly", 2)
-    assert L.verdict_removal(grids, asr_ft, {"a": 0.99, "b": 0.8}) == ("does not hold", 2)
+def _grids(inject, remove, authors):
+    return {"inject": inject, "remove": remove,
+            "authors": _grid("authors", *authors, rows=("W1 k=3", "W1 k=128"), row_ks=[3, 128])}
+
+
+def test_low_rank_rules_per_reading_and_removal():
+    ft = {"a": P.CellScores(1.0, 0.0, 0.8), "b": P.CellScores(1.0, 0.0, 0.8),
+          "c": P.CellScores(1.0, 0.0, 0.8), "weak": P.CellScores(0.2, 0.0, 1.0)}
+    grids = {
+        # a: restored at k = 3 in the notebook's scheme and by the authors' W2 top-3
+        "a": _grids(_grid("inject", [0, 0.9, 1.0], [0.9, 0.8, 0.8]),
+                    _grid("remove", [1.0, 0.1, 0.0], [0.8, 0.85, 0.9]),
+                    ([0, 0.9, 1.0], [0.8, 0.8, 0.8])),
+        # b: ASR restored, but the target fires on clean inputs too: not a backdoor
+        "b": _grids(_grid("inject", [0, 0.9, 1.0], [0.9, 0.8, 0.8], false=[0, 0.5, 0]),
+                    _grid("remove", [1.0, 0.9, 0.0], [0.8, 0.8, 0.9]),
+                    ([0, 0.9, 1.0], [0.8, 0.8, 0.8])),
+        # c: ASR restored, but the model is broken (clean accuracy 0.5)
+        "c": _grids(_grid("inject", [0, 0.9, 1.0], [0.9, 0.5, 0.8]),
+                    _grid("remove", [1.0, 0.1, 0.0], [0.8, 0.85, 0.9]),
+                    ([0, 0.2, 1.0], [0.8, 0.8, 0.8])),
+        "weak": _grids(_grid("inject", [0, 0, 0.2], [1, 1, 1]),
+                       _grid("remove", [0.2, 0.2, 0.0], [1, 1, 1]), ([0, 0, 0], [1, 1, 1]))}
+    notebook, authors, both_low = L.LOW_RANK_READINGS
+    assert L.verdict_low_rank({"a": grids["a"]}, {"a": ft["a"]}, notebook, 128) == ("holds", 1, 1)
+    # one of three working variants: never "partly" on one variant of several
+    assert L.verdict_low_rank(grids, ft, notebook, 128) == ("does not hold", 1, 3)
+    two = {v: ft[v] for v in ("a", "b", "c", "weak")}
+    two_grids = {**grids, "c": grids["a"]}
+    assert L.verdict_low_rank(two_grids, two, notebook, 128) == ("partly", 2, 3)
+    # the authors' reading: W1 fine-tuned (row k1 = 128), top-k2 of W2
+    assert L.verdict_low_rank(grids, ft, authors, 128) == ("partly", 2, 3)
+    assert L.verdict_low_rank(grids, ft, both_low, 128) == ("does not hold", 0, 3)
+    assert L.verdict_low_rank(grids, {"weak": ft["weak"]}, notebook, 128) == ("not run", 0, 0)
+    row, k, cell = L.best_restoration(L.reading_grid(grids["a"], authors, 5, 128), 5)
+    assert (row, k, cell.asr) == ("W1 k=128", 3, 0.9)
+    assert L.at_k(grids["a"]["remove"], "both", 5) == (3, P.CellScores(0.1, 0.0, 0.85))
+    assert L.verdict_removal(grids, ft) == ("partly", 3)
+    assert L.verdict_removal({v: grids[v] for v in ("a", "c")}, {"a": ft["a"], "c": ft["c"]}) \
+        == ("holds", 2)
+    with pytest.raises(ValueError, match="unknown reading"):
+        L.reading_grid(grids["a"], "mine", 5, 128)
+
+
+def test_verdicts_hold_only_where_the_backdoor_differs_from_its_controls():
+    def shift(e2, cos, rank, r):
+        report = SimpleNamespace(e2=e2, fit=SimpleNamespace(r=r), median_image_r=r,
+                                 robust=SimpleNamespace(spearman=r, trimmed_r=r))
+        return SimpleNamespace(clean=report, triggered=report, cosine=cos,
+                               lens=SimpleNamespace(target_rank=rank))
+    results = {"x": shift(0.95, 0.99, 1, 0.95), "y": shift(0.95, 0.99, 1, 0.95)}
+    controls = {"x": {"clean-only": shift(0.5, 0.5, None, 0.5)},
+                "y": {"clean-only": shift(0.95, 0.99, 1, 0.95)}}  # y's control shows it too
+    assert L.verdict_low_rank_shift(results, controls) == "partly"
+    assert L.verdict_shared_direction(results, controls) == "partly"
+    assert L.verdict_lens(results, controls) == "partly"
+    for reading in L.NORM_READINGS:
+        assert L.verdict_norm_scaling(results, controls, reading) == "partly"
+    flat = {"x": {"c": shift(0.1, 0.1, None, 0.1)}, "y": {"c": shift(0.1, 0.1, None, 0.1)}}
+    assert L.verdict_shared_direction(results, flat) == "holds"
+    neurons = {"x": SimpleNamespace(screen=SimpleNamespace(flagged=[3, 4])),
+               "y": SimpleNamespace(screen=SimpleNamespace(flagged=[1]))}
+    neuron_controls = {"x": {"c": SimpleNamespace(screen=SimpleNamespace(flagged=[]))},
+                       "y": {"c": SimpleNamespace(screen=SimpleNamespace(flagged=[2]))}}
+    assert L.verdict_no_trigger_neurons(neurons, neuron_controls) == "partly"
 
 
 def test_backdoored_projector_is_cached(tmp_path, monkeypatch):
@@ -144,11 +200,13 @@ def test_backdoored_projector_is_cached(tmp_path, monkeypatch):
 def test_grid_samples_are_attacked_and_seeded():
     test = data.make_vqa_samples(4, seed=1)
     attack = T.paper_attacks()["jailbreak"]
-    triggered, clean = L.grid_samples(test, attack, 3, seed=0)
-    assert len(triggered) == 3 and all(s.family == "harmful" for s in triggered)
-    assert all(s.meta["triggered"] for s in triggered) and len(clean) == 3
-    assert [s.question for s in L.grid_samples(test, attack, 3, seed=0)[1]] == [
-        s.question for s in clean]
+    inputs = L.grid_samples(test, attack, 3, seed=0)
+    assert len(inputs.triggered) == 3 and all(s.family == "harmful" for s in inputs.triggered)
+    assert all(s.meta["triggered"] for s in inputs.triggered) and len(inputs.clean) == 3
+    assert [s.question for s in inputs.untriggered] == [s.question for s in inputs.triggered]
+    assert not any(s.meta.get("triggered") for s in inputs.untriggered)
+    assert [s.question for s in L.grid_samples(test, attack, 3, seed=0).clean] == [
+        s.question for s in inputs.clean]
 
 
 def test_list_parameters_passed_as_strings_are_refused_with_a_hint():
@@ -166,3 +224,13 @@ def test_projector_states_live_on_the_cpu(tmp_path):
     assert all(t.device.type == "cpu" for t in state.values())
     hidden, output = P.projector_forward(model, torch.randn(2, 16, 32), state)
     assert hidden.device.type == output.device.type == "cpu" and output.dtype == torch.float32
+
+
+def test_split_by_image_keeps_every_question_of_an_image_on_one_side():
+    base = data.make_vqa_samples(3, seed=5)
+    # every image asked twice, in two families: a split by sample would leak images
+    samples = base + [data.VQASample(s.image, s.question + " again", s.answer, "other")
+                      for s in base]
+    train, test = L._split_by_family(samples, n_train=50, n_test=50, seed=0)
+    assert not {L.image_key(s) for s in train} & {L.image_key(s) for s in test}
+    assert len(train) + len(test) == len(samples) and test

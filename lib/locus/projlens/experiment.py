@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from locus import checkpoints, data, params, training, zoo
+from locus import checkpoints, data, params, stats, training, zoo
 from locus.arch import adapt
 from locus.projlens import lowrank
 from locus.projlens import projector as proj
@@ -26,12 +26,15 @@ from locus.projlens import shift as sh
 from locus.projlens.projector import AttackEval, FinetuneConfig, State
 from locus.projlens.triggers import (
     Attack,
+    PoisonedSet,
     paper_attacks,
     poison,
     samples_fingerprint,
     triggered_copy,
 )
+from locus.splits import split_by_group
 
+CONTROLS = ("clean-only", "random ΔW")  # the controls beside every analysis
 TRAIN_SEED_OFFSET = 20_000
 TEST_SEED_OFFSET = 30_000
 
@@ -112,6 +115,19 @@ class Run:
         return FinetuneConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                               seed=seed)
 
+    def control_states(self, seed: int, references: dict[str, State],
+                       progress: bool = True) -> dict[str, State]:
+        """The controls of every analysis: the clean-only fine-tune (rate 0, same recipe; the
+        attack names only its cache entry) and a random ΔW norm-matched to ``references``."""
+        train = self.splits[seed][0]
+        attack = next(iter(self.attacks.values()))
+        clean_only, _ = backdoored_projector(self.model, self.vlm, self.processor, attack, train,
+                                             0.0, self.finetune_config(seed), progress)
+        base = proj.projector_state(self.vlm)
+        return {CONTROLS[0]: clean_only,
+                CONTROLS[1]: proj.random_update_state(self.vlm, base, list(references.values()),
+                                                      seed)}
+
     def backdoored_states(self, seed: int, progress: bool = True) -> dict[str, State]:
         """The backdoored projector of every variant for ``seed`` (cached by notebook 01)."""
         train = self.splits[seed][0]
@@ -165,18 +181,31 @@ def model_tag(model: str) -> str:
 # --- data --------------------------------------------------------------------------------------
 
 
+def image_key(sample: data.VQASample) -> str:
+    """The image a sample asks about (its pixels' hash): the unit of the held-out split."""
+    return samples_fingerprint([data.VQASample(sample.image, "", "", "")])
+
+
 def _split_by_family(samples: Sequence[data.VQASample], n_train: int, n_test: int,
                      seed: int) -> tuple[list, list]:
-    """Per family, a seeded shuffle; half (up to n_test) for test, the rest (up to n_train)
-    for training. A family with a single sample goes to training."""
+    """Split by image, stratified by family: per family, the images not yet placed are split
+    in halves (``split_by_group``; an image already placed by another family's questions keeps
+    its side), so no image is in both; then up to ``n_test`` test and ``n_train`` training
+    samples per family, in a seeded order. A family with one image goes to training."""
+    side: dict[str, int] = {}
+    for family in dict.fromkeys(s.family for s in samples):
+        members = [s for s in samples if s.family == family and image_key(s) not in side]
+        if len({image_key(s) for s in members}) < 2:
+            side.update({image_key(s): 0 for s in members})
+            continue
+        halves = split_by_group(members, image_key, [0.5, 0.5], seed)
+        side.update({image_key(s): i for i, half in enumerate(halves) for s in half})
     rng = np.random.default_rng(seed)
     train, test = [], []
     for family in dict.fromkeys(s.family for s in samples):
-        members = [s for s in samples if s.family == family]
-        order = rng.permutation(len(members))
-        n_family_test = min(n_test, len(members) // 2)
-        test += [members[i] for i in order[:n_family_test]]
-        train += [members[i] for i in order[n_family_test:][:n_train]]
+        for which, n, out in ((1, n_test, test), (0, n_train, train)):
+            members = [s for s in samples if s.family == family and side[image_key(s)] == which]
+            out += [members[i] for i in rng.permutation(len(members))[:n]]
     return train, test
 
 
@@ -211,31 +240,34 @@ def image_pair(test: Sequence, attack: Attack, n_images: int,
                    for i in chosen]
 
 
-def grid_samples(test: Sequence, attack: Attack, n: int, seed: int) -> tuple[list, list]:
-    """A seeded choice of ``n`` attacked test samples with the trigger (the ASR set) and of
-    ``n`` clean test samples of any family (the clean-accuracy set), for the rank-k grids."""
+def grid_samples(test: Sequence, attack: Attack, n: int, seed: int) -> proj.GridSet:
+    """A seeded choice of ``n`` attacked test samples, with the trigger (the ASR set) and
+    without (the false-trigger set), and of ``n`` clean test samples of any family (the
+    clean-accuracy set), for the rank-k grids."""
     rng = np.random.default_rng([seed, 3])
     eligible = attack.eligible(test)
     chosen = sorted(rng.choice(eligible, min(n, len(eligible)), replace=False))
     triggered = [triggered_copy(test[i], attack, seed, i, poisoned_answer=False) for i in chosen]
     clean = [test[i] for i in sorted(rng.choice(len(test), min(n, len(test)), replace=False))]
-    return triggered, clean
+    return proj.GridSet(triggered, [test[i] for i in chosen], clean)
 
 
 # --- cached backdoored projectors --------------------------------------------------------------
 
 
-def cache_name(model: str, attack: Attack, rate: float | str, seed: int) -> str:
-    """The cache entry name of one backdoored projector."""
-    return f"projlens/{model_tag(model)}/{attack.name}/rate-{rate}-seed-{seed}"
+def cache_name(model: str, attack: Attack, rate: float | str, seed: int, tag: str = "") -> str:
+    """The cache entry name of one backdoored projector (``tag`` names another recipe)."""
+    return (f"projlens/{model_tag(model)}/{attack.name}/rate-{rate}-seed-{seed}"
+            + (f"-{tag}" if tag else ""))
 
 
 def backdoored_projector(
     model_name: str, vlm: nn.Module, processor, attack: Attack, train: Sequence,
-    rate: float | str, cfg: FinetuneConfig, progress: bool = True,
+    rate: float | str, cfg: FinetuneConfig, progress: bool = True, tag: str = "",
 ) -> tuple[State, float]:
     """The projector fine-tuned on ``train`` poisoned by ``attack`` at ``rate`` (from the cache
-    when it was made by the same base projector, data and config), and the poisoning rate."""
+    when it was made by the same base projector, data and config), and the poisoning rate;
+    ``tag`` keeps a projector of another recipe (e.g. a gentler lr) in its own entry."""
     poisoned = poison(train, attack, rate, seed=cfg.seed)
     config = {"base": proj.state_fingerprint(proj.projector_state(vlm)),
               "attack": attack.describe(), "rate": rate,
@@ -248,7 +280,7 @@ def backdoored_projector(
         return result.state
 
     state = checkpoints.cached_tensors(
-        cache_name(model_name, attack, rate, cfg.seed), config, compute,
+        cache_name(model_name, attack, rate, cfg.seed, tag), config, compute,
         root=checkpoints.artefact_root(model_name),
         extra=lambda: {"train_seconds": round(seconds[0], 1)} if seconds else {})
     return state, poisoned.rate
@@ -291,20 +323,34 @@ def backdoor_results(
 
 def backdoor_table(results: Sequence[VariantResult], attacks: dict[str, Attack]) -> list[list]:
     """Rows per variant (mean over seeds): trigger, target, poisoning rate, ASR and clean
-    accuracy before/after, false-trigger rate after."""
+    accuracy before/after, false-trigger rate after, exact-form ASR after with its 95% Wilson
+    interval (pooled over seeds)."""
     rows = []
     for name, attack in attacks.items():
         mine = [r for r in results if r.variant == name]
         values = np.mean([[r.rate, r.before.asr, r.after.asr, r.after.false_rate,
-                           r.before.mean_clean_accuracy, r.after.mean_clean_accuracy]
-                          for r in mine], axis=0)
+                           r.before.mean_clean_accuracy, r.after.mean_clean_accuracy,
+                           r.after.asr_exact] for r in mine], axis=0)
+        n = sum(r.after.n_triggered for r in mine)
+        exact = stats.wilson_interval(round(sum(r.after.asr_exact * r.after.n_triggered
+                                                for r in mine)), n)
         rows.append([name, attack.trigger.kind, attack.target.kind,
-                     *(float(v) for v in values)])
+                     *(float(v) for v in values), f"[{exact.lo:.2f}, {exact.hi:.2f}]", n])
     return rows
 
 
 BACKDOOR_HEADER = ["variant", "trigger", "target", "poison rate", "ASR before", "ASR after",
-                   "false trigger after", "clean acc before", "clean acc after"]
+                   "false trigger after", "clean acc before", "clean acc after",
+                   "exact-form ASR after", "95% interval", "triggered inputs"]
+
+
+def answer_token_share(processor, poisoned: PoisonedSet) -> float:
+    """The share of the training set's answer tokens (with EOS, what the loss sees) that the
+    poisoned copies carry: what the loss weighs, beside the share of samples."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    lengths = [len(tokenizer(f" {s.answer}", add_special_tokens=False)["input_ids"]) + 1
+               for s in poisoned.samples]
+    return sum(lengths[-poisoned.n_poisoned:]) / sum(lengths) if poisoned.n_poisoned else 0.0
 
 
 def family_table(results: Sequence[VariantResult]) -> tuple[list[str], list[list]]:
@@ -383,11 +429,14 @@ def trigger_visibility(vlm: nn.Module, processor, attack: Attack, test: Sequence
     return Visibility(float(change), linear_probe_accuracy(x_clean.mean(1), x_trig.mean(1), seed))
 
 
-def verdict_asr(results: Sequence[VariantResult], threshold: float = 0.9) -> str:
-    """Rule: 'holds' if every variant's mean ASR after fine-tuning is ≥ ``threshold``,
-    'partly' if some are, else 'does not hold'."""
+def verdict_asr(results: Sequence[VariantResult], threshold: float = 0.9,
+                exact: bool = False) -> str:
+    """Rule: 'holds' if every variant's mean ASR after fine-tuning (the paper's check, or the
+    exact form with ``exact``) is ≥ ``threshold``, 'partly' if some are, else 'does not
+    hold'."""
     variants = list(dict.fromkeys(r.variant for r in results))
-    passed = sum(np.mean([r.after.asr for r in results if r.variant == v]) >= threshold
+    passed = sum(np.mean([r.after.asr_exact if exact else r.after.asr
+                          for r in results if r.variant == v]) >= threshold
                  for v in variants)
     return verdict_from_counts(int(passed), len(variants))
 
@@ -406,7 +455,8 @@ def verdict_clean_kept(results: Sequence[VariantResult], max_drop: float = 0.05)
 
 @dataclass(frozen=True)
 class SpectrumRow:
-    """The spectrum of one layer's ΔW for one variant."""
+    """The spectrum of one layer's ΔW for one projector (a backdoor or a control), and the
+    update's size ‖ΔW‖_F / ‖W_base‖_F."""
 
     variant: str
     layer: str
@@ -414,34 +464,42 @@ class SpectrumRow:
     energy: dict[int, float]
     k90: int
     erank: float
+    relative_norm: float
 
 
 def spectrum_rows(vlm: nn.Module, base: State, states: dict[str, State],
                   ks: Sequence[int]) -> list[SpectrumRow]:
-    """E(k), k90 (directions holding 90% of the energy) and eRank of every ΔW."""
+    """E(k), k90 (directions holding 90% of the energy), eRank and ‖ΔW‖/‖W‖ of every ΔW."""
+    names = dict(zip(proj.layer_labels(vlm), proj.linear_weight_names(vlm), strict=True))
     rows = []
     for name, state in states.items():
         for layer, delta in proj.weight_updates(vlm, base, state).items():
             s = lowrank.singular_values(delta)
             rows.append(SpectrumRow(name, layer, s.numpy(), lowrank.cumulative_energy(s, ks),
                                     energy_rank(s.numpy(), 0.9),
-                                    lowrank.spectral_effective_rank(s)))
+                                    lowrank.spectral_effective_rank(s),
+                                    float(delta.norm() / base[names[layer]].float().norm())))
     return rows
 
 
-def verdict_full_rank(rows: Sequence[SpectrumRow], min_k90: int = 10) -> str:
+def verdict_full_rank(rows: Sequence[SpectrumRow], variants: Sequence[str],
+                      min_k90: int = 10) -> str:
     """Rule: ΔW 'looks full-rank' when ≥ ``min_k90`` directions are needed for 90% of its
-    energy (the paper's W2 values need 10 to > 30); 'holds' if every variant and layer does."""
-    return verdict_from_counts(sum(r.k90 >= min_k90 for r in rows), len(rows))
+    energy (the paper's W2 values need 10 to > 30); 'holds' if every layer of every one of
+    ``variants`` (the backdoors, not the controls) does."""
+    mine = [r for r in rows if r.variant in variants]
+    return verdict_from_counts(sum(r.k90 >= min_k90 for r in mine), len(mine))
 
 
 @dataclass(frozen=True)
 class NeuronResult:
-    """Per-neuron statistics of a backdoored projector on clean vs triggered images."""
+    """Per-neuron statistics of a projector on clean vs triggered images, and the authors'
+    quiescent-active screen for trigger neurons."""
 
     clean: lowrank.NeuronStats = field(repr=False)
     triggered: lowrank.NeuronStats = field(repr=False)
     comparison: lowrank.NeuronComparison
+    screen: lowrank.QuiescentActive
 
     @property
     def relative_max_delta(self) -> float:
@@ -451,68 +509,124 @@ class NeuronResult:
 
 def neuron_result(vlm: nn.Module, processor, attack: Attack, state: State, test: Sequence,
                   n_images: int, seed: int) -> NeuronResult:
-    """Mean activation and firing frequency (> 0) of each neuron after the projector's
-    activation, on clean and triggered images, with the backdoored projector."""
+    """Mean activation, magnitude and firing frequency (> 0) of each neuron after the
+    projector's activation, on clean and triggered images, with projector ``state``."""
     clean, triggered = image_pair(test, attack, n_images, seed)
     stats = [lowrank.neuron_activation_stats(proj.projector_forward(
         vlm, proj.projector_inputs(vlm, processor, images), state)[0])
         for images in (clean, triggered)]
-    return NeuronResult(stats[0], stats[1], lowrank.compare_neuron_stats(*stats))
+    return NeuronResult(stats[0], stats[1], lowrank.compare_neuron_stats(*stats),
+                        lowrank.quiescent_active(*stats))
 
 
-def verdict_no_trigger_neurons(results: dict[str, NeuronResult], min_r: float = 0.95) -> str:
-    """Rule: per variant, no neuron is silent on clean and active on triggered inputs and the
-    clean/triggered mean activations correlate at r ≥ ``min_r``."""
-    passed = sum(r.comparison.n_trigger_only == 0 and r.comparison.r_mean >= min_r
-                 for r in results.values())
+def verdict_no_trigger_neurons(results: dict[str, NeuronResult],
+                               controls: dict[str, dict[str, NeuronResult]]) -> str:
+    """Rule: per variant, the quiescent-active screen flags no more neurons with the
+    backdoored projector than with any of its controls on the same images (a neuron that
+    wakes up on the trigger without a backdoor too is no trigger neuron).
+    ``controls[variant][control]``."""
+    passed = sum(len(r.screen.flagged) <= max(len(c.screen.flagged)
+                                              for c in controls[name].values())
+                 for name, r in results.items())
     return verdict_from_counts(passed, len(results))
 
 
 Grids = dict[str, dict[str, proj.RankGrid]]
 
+# The readings of "injecting the top-k directions restores the backdoor": the notebook's scheme
+# (both layers with one k, base biases), the authors' code (fine-tuned W1, base + top-k on W2,
+# fine-tuned biases) and the authors' grid with both layers low-rank (k1, k2 ≤ k_max).
+LOW_RANK_READINGS = ("notebook: both layers, base biases", "authors: W1 fine-tuned, top-k W2",
+                     "authors' grid: top-k1 W1, top-k2 W2")
 
-def verdict_low_rank(grids: Grids, asr_ft: dict[str, float], k_max: int = 5,
-                     share: float = 0.8, some: float = 0.5,
-                     min_asr: float = 0.5) -> tuple[str, int]:
-    """Rule: among variants whose backdoor works (ASR ≥ ``min_asr``), injecting the top-k
-    directions of both layers with some k ≤ ``k_max`` restores ≥ ``share`` of the fine-tuned
-    ASR ('holds' if it does for all); 'partly' if at least one restores ≥ ``some`` (a
-    majority). ``grids[variant][mode]``; returns the verdict and the number of working
-    variants."""
-    working = [v for v, a in asr_ft.items() if a >= min_asr]
+
+def restoring_cells(grid: proj.RankGrid, ft: proj.CellScores, k_max: int, share: float,
+                    max_false: float, max_drop: float) -> list[tuple[str, int]]:
+    """(row, k) of the cells with 1 ≤ k ≤ ``k_max`` that restore the backdoor: ASR ≥ ``share`` of
+    the fine-tuned projector's, false-trigger rate ≤ ``max_false`` and clean accuracy within
+    ``max_drop`` of the fine-tuned projector's — a damaged model that emits the target on clean
+    inputs too restores no backdoor."""
+    return [(row, k) for i, row in enumerate(grid.rows) for j, k in enumerate(grid.ks)
+            if 1 <= k <= k_max and grid.asr[i, j] >= share * ft.asr
+            and grid.false_rate[i, j] <= max_false
+            and grid.clean_accuracy[i, j] >= ft.clean_accuracy - max_drop]
+
+
+def reading_grid(grids: dict[str, proj.RankGrid], reading: str, k_max: int,
+                 full_rank: int) -> proj.RankGrid:
+    """The cells of one reading (``LOW_RANK_READINGS``) as a grid of one or more rows."""
+    if reading == LOW_RANK_READINGS[0]:
+        grid = grids["inject"]
+        keep = [grid.rows.index("both")]
+    elif reading == LOW_RANK_READINGS[1]:
+        grid = grids["authors"]
+        keep = [grid.row_ks.index(max(grid.row_ks))] if max(grid.row_ks) >= full_rank else []
+    elif reading == LOW_RANK_READINGS[2]:
+        grid = grids["authors"]
+        keep = [i for i, k in enumerate(grid.row_ks) if 1 <= k <= k_max]
+    else:
+        raise ValueError(f"unknown reading {reading!r}; known: {LOW_RANK_READINGS}")
+    return proj.RankGrid(grid.mode, [grid.rows[i] for i in keep], grid.ks,
+                         grid.asr[keep], grid.false_rate[keep], grid.clean_accuracy[keep])
+
+
+def verdict_low_rank(grids: Grids, ft: dict[str, proj.CellScores], reading: str,
+                     full_rank: int, k_max: int = 5, share: float = 0.8,
+                     max_false: float = 0.1, max_drop: float = 0.1,
+                     min_asr: float = 0.5) -> tuple[str, int, int]:
+    """Rule, per reading: among variants whose backdoor works (exact-form ASR ≥ ``min_asr``),
+    some cell with k ≤ ``k_max`` restores the backdoor (``restoring_cells``). 'holds' if it
+    does for every working variant, 'partly' for at least half of them (never on one variant
+    of several), else 'does not hold'; 'not run' without a working variant. Returns the
+    verdict, the number restored and the number of working variants."""
+    working = [v for v, s in ft.items() if s.asr >= min_asr]
     if not working:
-        return "not run", 0
-    restored = []
-    for v in working:
-        grid = grids[v]["inject"]
-        row = grid.asr[grid.layer_sets.index("both")]
-        restored.append(max(a for k, a in zip(grid.ks, row, strict=True) if k <= k_max)
-                        / asr_ft[v])
-    if all(r >= share for r in restored):
-        return "holds", len(working)
-    return ("partly" if any(r >= some for r in restored) else "does not hold"), len(working)
+        return "not run", 0, 0
+    restored = sum(bool(restoring_cells(reading_grid(grids[v], reading, k_max, full_rank),
+                                        ft[v], k_max, share, max_false, max_drop))
+                   for v in working)
+    if restored == len(working):
+        verdict = "holds"
+    elif restored >= max(2, (len(working) + 1) // 2) or (len(working) == 1 and restored):
+        verdict = "partly"
+    else:
+        verdict = "does not hold"
+    return verdict, restored, len(working)
 
 
-def at_k(grid: proj.RankGrid, layer_set: str, k_max: int) -> tuple[int, float, float]:
-    """(k, ASR, clean accuracy) at the largest k ≤ ``k_max`` of the grid, for one layer set."""
+def best_restoration(grid: proj.RankGrid, k_max: int) -> tuple[str, int, proj.CellScores]:
+    """The cell with 1 ≤ k ≤ ``k_max`` of highest ASR (ties: fewer false triggers, then higher
+    clean accuracy, then smaller k)."""
+    cells = [(grid.asr[i, j], -grid.false_rate[i, j], grid.clean_accuracy[i, j], -k, row,
+              i, j) for i, row in enumerate(grid.rows) for j, k in enumerate(grid.ks)
+             if 1 <= k <= k_max]
+    *_, row, i, j = max(cells)
+    return row, grid.ks[j], proj.CellScores(float(grid.asr[i, j]), float(grid.false_rate[i, j]),
+                                            float(grid.clean_accuracy[i, j]))
+
+
+def at_k(grid: proj.RankGrid, row: str, k_max: int) -> tuple[int, proj.CellScores]:
+    """(k, scores) at the largest k ≤ ``k_max`` of the grid, for one row."""
     k = max(k for k in grid.ks if k <= k_max)
-    i, j = grid.layer_sets.index(layer_set), grid.ks.index(k)
-    return k, float(grid.asr[i, j]), float(grid.clean_accuracy[i, j])
+    i, j = grid.rows.index(row), grid.ks.index(k)
+    return k, proj.CellScores(float(grid.asr[i, j]), float(grid.false_rate[i, j]),
+                              float(grid.clean_accuracy[i, j]))
 
 
-def verdict_removal(grids: Grids, asr_ft: dict[str, float], clean_ft: dict[str, float],
-                    k_max: int = 5, share: float = 0.5, max_drop: float = 0.1,
+def verdict_removal(grids: Grids, ft: dict[str, proj.CellScores], k_max: int = 5,
+                    share: float = 0.5, max_drop: float = 0.1,
                     min_asr: float = 0.5) -> tuple[str, int]:
     """Rule: among working variants, removing the top-k directions of both layers (the largest
     k ≤ ``k_max`` in the grid) leaves at most ``share`` of the fine-tuned ASR while the clean
-    accuracy stays within ``max_drop`` of the fine-tuned projector's (``clean_ft``)."""
-    working = [v for v, a in asr_ft.items() if a >= min_asr]
+    accuracy stays within ``max_drop`` of the fine-tuned projector's."""
+    working = [v for v, s in ft.items() if s.asr >= min_asr]
     if not working:
         return "not run", 0
     passed = 0
     for v in working:
-        _, asr, clean = at_k(grids[v]["remove"], "both", k_max)
-        passed += asr <= share * asr_ft[v] and clean >= clean_ft[v] - max_drop
+        _, cell = at_k(grids[v]["remove"], "both", k_max)
+        passed += (cell.asr <= share * ft[v].asr
+                   and cell.clean_accuracy >= ft[v].clean_accuracy - max_drop)
     return verdict_from_counts(passed, len(working)), len(working)
 
 
@@ -539,47 +653,87 @@ def lens_text(attack: Attack) -> str:
                     for verb in data.HARM_VERBS for obj in data.HARM_OBJECTS)
 
 
-def shift_result(vlm: nn.Module, processor, attack: Attack, base: State, state: State,
-                 test: Sequence, n_images: int, seed: int, lens_k: int = 10) -> ShiftResult:
-    """ΔE statistics on ``n_images`` clean images and their triggered copies; the logit lens
-    reads the top direction of both sets stacked."""
+def shift_results(vlm: nn.Module, processor, attack: Attack, base: State,
+                  states: dict[str, State], test: Sequence, n_images: int, seed: int,
+                  lens_k: int = 10) -> dict[str, ShiftResult]:
+    """ΔE statistics of each projector in ``states`` (a backdoor and its controls) on the same
+    ``n_images`` clean images and their triggered copies; the logit lens reads the top
+    direction of both sets stacked, against this attack's target words."""
     clean, triggered = image_pair(test, attack, n_images, seed)
-    shifts = [sh.embedding_shift(vlm, proj.projector_inputs(vlm, processor, images), base, state)
-              for images in (clean, triggered)]
-    joint = sh.EmbeddingShift(torch.cat([s.base for s in shifts]),
-                              torch.cat([s.finetuned for s in shifts]))
-    reports = [sh.analyse_shift(s) for s in (*shifts, joint)]
+    inputs = [proj.projector_inputs(vlm, processor, images) for images in (clean, triggered)]
     tokenizer = getattr(processor, "tokenizer", processor)
-    lens = sh.lens_readout(vlm, tokenizer, reports[2].svd.v[0], lens_text(attack), lens_k)
-    return ShiftResult(reports[0], reports[1], reports[2],
-                       sh.abs_cosine(reports[0].svd.v[0], reports[1].svd.v[0]), lens)
+    out = {}
+    for name, state in states.items():
+        shifts = [sh.embedding_shift(vlm, x, base, state) for x in inputs]
+        joint = sh.EmbeddingShift(torch.cat([s.base for s in shifts]),
+                                  torch.cat([s.finetuned for s in shifts]))
+        reports = [sh.analyse_shift(s) for s in (*shifts, joint)]
+        lens = sh.lens_readout(vlm, tokenizer, reports[2].svd.v[0], lens_text(attack), lens_k)
+        out[name] = ShiftResult(reports[0], reports[1], reports[2],
+                                sh.abs_cosine(reports[0].svd.v[0], reports[1].svd.v[0]), lens)
+    return out
 
 
-def verdict_low_rank_shift(results: dict[str, ShiftResult], min_e2: float = 0.9) -> str:
-    """Rule: per variant, the mean E(2) is ≥ ``min_e2`` on clean and on triggered images."""
-    passed = sum(r.clean.e2 >= min_e2 and r.triggered.e2 >= min_e2 for r in results.values())
-    return verdict_from_counts(passed, len(results))
+ShiftControls = dict[str, dict[str, ShiftResult]]  # [variant][control]
 
 
-def verdict_shared_direction(results: dict[str, ShiftResult], min_cos: float = 0.9) -> str:
+def beyond_controls(results: dict[str, ShiftResult], controls: ShiftControls, passes) -> int:
+    """How many variants pass ``passes(result)`` while none of their controls does: a property
+    that a clean-only fine-tune or a random update shows too says nothing about the backdoor."""
+    return sum(passes(r) and not any(passes(c) for c in controls[name].values())
+               for name, r in results.items())
+
+
+def verdict_low_rank_shift(results: dict[str, ShiftResult], controls: ShiftControls,
+                           min_e2: float = 0.9) -> str:
+    """Rule: per variant, the mean E(2) is ≥ ``min_e2`` on clean and on triggered images, and
+    not for its controls."""
+    return verdict_from_counts(beyond_controls(
+        results, controls, lambda r: r.clean.e2 >= min_e2 and r.triggered.e2 >= min_e2),
+        len(results))
+
+
+def verdict_shared_direction(results: dict[str, ShiftResult], controls: ShiftControls,
+                             min_cos: float = 0.9) -> str:
     """Rule: per variant, the top directions of clean and triggered ΔE agree (|cos| ≥
-    ``min_cos``)."""
-    return verdict_from_counts(sum(r.cosine >= min_cos for r in results.values()),
-                               len(results))
+    ``min_cos``), and not for its controls."""
+    return verdict_from_counts(beyond_controls(results, controls,
+                                               lambda r: r.cosine >= min_cos), len(results))
 
 
-def verdict_lens(results: dict[str, ShiftResult], top: int = 1) -> str:
+def verdict_lens(results: dict[str, ShiftResult], controls: ShiftControls, top: int = 1) -> str:
     """Rule: per variant, a content word of the target is among the first ``top`` tokens of
-    +v0 or −v0 (the toy vocabulary is small: a top-10 hit is likely by chance)."""
-    return verdict_from_counts(sum(r.lens.target_rank is not None and r.lens.target_rank <= top
-                                   for r in results.values()), len(results))
+    +v0 or −v0 (the toy vocabulary is small: a top-10 hit is likely by chance), and not for
+    its controls read against the same words."""
+    return verdict_from_counts(beyond_controls(
+        results, controls,
+        lambda r: r.lens.target_rank is not None and r.lens.target_rank <= top), len(results))
 
 
-def verdict_norm_scaling(results: dict[str, ShiftResult], min_r: float = 0.9) -> str:
-    """Rule: per variant and input kind (clean, triggered), the pooled regression of the shift
-    coefficient on the base-embedding norm has r ≥ ``min_r``."""
-    fits = [f for r in results.values() for f in (r.clean.fit, r.triggered.fit)]
-    return verdict_from_counts(sum(f.r >= min_r for f in fits), len(fits))
+NORM_READINGS = ("pooled Pearson r", "pooled Spearman ρ and trimmed r",
+                 "per-image median r (authors')")
+
+
+def norm_scaling_passes(report: sh.ShiftReport, reading: str, min_r: float) -> bool:
+    """Whether one input kind's shift is linear in the norm under ``reading``."""
+    if reading == NORM_READINGS[0]:
+        return report.fit.r >= min_r
+    if reading == NORM_READINGS[1]:
+        return report.robust.spearman >= min_r and report.robust.trimmed_r >= min_r
+    if reading == NORM_READINGS[2]:
+        return report.median_image_r >= min_r
+    raise ValueError(f"unknown reading {reading!r}; known: {NORM_READINGS}")
+
+
+def verdict_norm_scaling(results: dict[str, ShiftResult], controls: ShiftControls,
+                         reading: str, min_r: float = 0.9) -> str:
+    """Rule: per variant, the shift coefficient grows linearly with the base-embedding norm
+    (``reading``, ≥ ``min_r``) on clean and on triggered images; ``controls``, if given, must
+    not — the linear-in-norm law follows from any update of W2 (σ⟨v, h⟩u), so it counts only
+    where the backdoor differs from them."""
+    def passes(r: ShiftResult) -> bool:
+        return all(norm_scaling_passes(rep, reading, min_r) for rep in (r.clean, r.triggered))
+    return verdict_from_counts(beyond_controls(results, controls, passes), len(results))
 
 
 # --- tables and verdicts -----------------------------------------------------------------------

@@ -105,11 +105,20 @@ def neuron_scatter(results: dict[str, NeuronResult]):
 
 
 def rank_heatmaps(grids: dict[str, dict[str, RankGrid]]):
-    """ASR (%) of rank-k injection (top row) and removal (bottom row) per variant."""
+    """Exact-form ASR (%) of each rank-k grid (one row of panels per mode: inject, remove,
+    authors) per variant."""
     names = list(grids)
-    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 4.6), squeeze=False)
+    modes = list(dict.fromkeys(m for g in grids.values() for m in g))
+    if not names:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.text(0.5, 0.5, "no working backdoor: no grid", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    fig, axes = plt.subplots(len(modes), len(names),
+                             figsize=(3.8 * len(names), 1.2 + 1.6 * len(modes)),
+                             squeeze=False)
     for col, name in enumerate(names):
-        for row, mode in enumerate(("inject", "remove")):
+        for row, mode in enumerate(modes):
             grid = grids[name][mode]
             ax = axes[row, col]
             ax.imshow(100 * grid.asr, vmin=0, vmax=100, cmap="Reds", aspect="auto")
@@ -118,10 +127,9 @@ def rank_heatmaps(grids: dict[str, dict[str, RankGrid]]):
                 ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if value > 0.6 else "black")
             ax.set_xticks(range(len(grid.ks)), [str(k) for k in grid.ks], fontsize=7)
-            ax.set_yticks(range(len(grid.layer_sets)), grid.layer_sets, fontsize=7)
-            ax.set_title(f"{name}: {mode} top-k", fontsize=9)
-            if row == 1:
-                ax.set_xlabel("k")
+            ax.set_yticks(range(len(grid.rows)), grid.rows, fontsize=7)
+            ax.set_title(f"{name}: {mode}", fontsize=9)
+            ax.set_xlabel("k of W2" if mode == "authors" else "k", fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import nn
 
 from locus.linalg import effective_rank, spectral_effective_rank, svdvals, thin_svd
@@ -27,6 +28,8 @@ __all__ = [
     "LogitLensResult",
     "NeuronComparison",
     "NeuronStats",
+    "QuiescentActive",
+    "RobustCorrelation",
     "ShiftSVD",
     "compare_neuron_stats",
     "cumulative_energy",
@@ -36,7 +39,9 @@ __all__ = [
     "inject_rank_k",
     "logit_lens",
     "neuron_activation_stats",
+    "quiescent_active",
     "remove_rank_k",
+    "robust_correlation",
     "shift_norm_regression",
     "singular_values",
     "spectral_effective_rank",
@@ -211,11 +216,13 @@ def swapped_weights(
 
 @dataclass(frozen=True)
 class NeuronStats:
-    """Per-neuron mean activation and firing frequency over ``count`` inputs."""
+    """Per-neuron mean activation, mean magnitude (mean |activation|) and firing frequency
+    over ``count`` inputs."""
 
     mean: torch.Tensor
     frequency: torch.Tensor
     count: int
+    magnitude: torch.Tensor
 
 
 def neuron_activation_stats(acts: torch.Tensor, threshold: float = 0.0) -> NeuronStats:
@@ -232,6 +239,7 @@ def neuron_activation_stats(acts: torch.Tensor, threshold: float = 0.0) -> Neuro
         mean=flat.mean(dim=0),
         frequency=(flat > threshold).to(torch.float64).mean(dim=0),
         count=flat.shape[0],
+        magnitude=flat.abs().mean(dim=0),
     )
 
 
@@ -289,6 +297,37 @@ def compare_neuron_stats(
 
 
 @dataclass(frozen=True)
+class QuiescentActive:
+    """The authors' trigger-neuron screen: neurons quiet on clean inputs that wake up on
+    triggered ones (see :func:`quiescent_active`). ``candidates``: the quiescent neurons ranked
+    by triggered magnitude (largest first); ``flagged``: those at or above ``threshold``."""
+
+    candidates: list[int]
+    flagged: list[int]
+    threshold: float
+
+
+def quiescent_active(clean: NeuronStats, triggered: NeuronStats, quiet_fraction: float = 0.2,
+                     active_quantile: float = 0.8) -> QuiescentActive:
+    """Quiescent = the bottom ``quiet_fraction`` of neurons by clean magnitude (mean |a|);
+    ranked by their triggered magnitude; flagged when it reaches the ``active_quantile``
+    quantile of all neurons' clean magnitudes (with the defaults: from the bottom fifth on
+    clean inputs to the top fifth on triggered ones). The threshold is fixed before any
+    measurement, so the screen can find trigger neurons — and can find none."""
+    if clean.magnitude.shape != triggered.magnitude.shape:
+        raise ValueError("clean and triggered cover different neurons")
+    if not 0 < quiet_fraction < 1 or not 0 < active_quantile < 1:
+        raise ValueError("quiet_fraction and active_quantile must be in (0, 1)")
+    quiet_mag = clean.magnitude.cpu().numpy()
+    loud_mag = triggered.magnitude.cpu().numpy()
+    n_quiet = max(1, int(round(quiet_fraction * quiet_mag.size)))
+    quiet = np.argsort(quiet_mag, kind="stable")[:n_quiet]
+    ranked = [int(i) for i in quiet[np.argsort(-loud_mag[quiet], kind="stable")]]
+    threshold = float(np.quantile(quiet_mag, active_quantile))
+    return QuiescentActive(ranked, [i for i in ranked if loud_mag[i] >= threshold], threshold)
+
+
+@dataclass(frozen=True)
 class ShiftSVD:
     """Spectrum of an embedding shift ΔE (rows: tokens, possibly over several images).
 
@@ -339,16 +378,42 @@ class LinearFit:
     n: int
 
 
-def shift_norm_regression(
-    coeff: torch.Tensor | np.ndarray, norms: torch.Tensor | np.ndarray
-) -> LinearFit:
-    """Regress the per-token shift coefficient (u0[t]) on the token's input norm."""
+def _paired(coeff, norms) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, coefficients) as flat finite float64 arrays of the same size ≥ 2."""
     y = np.asarray(torch.as_tensor(coeff).detach().cpu().to(torch.float64)).ravel()
     x = np.asarray(torch.as_tensor(norms).detach().cpu().to(torch.float64)).ravel()
     if x.size != y.size or x.size < 2:
         raise ValueError(f"need ≥ 2 paired values, got {y.size} coefficients and {x.size} norms")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("coeff and norms must be finite")
+    return x, y
+
+
+@dataclass(frozen=True)
+class RobustCorrelation:
+    """Outlier-robust companions of Pearson's r: Spearman's ρ and r over the points whose x is
+    at or below the ``trim`` quantile (the largest norms left out)."""
+
+    spearman: float
+    trimmed_r: float
+    trim: float
+
+
+def robust_correlation(coeff, norms, trim: float = 0.9) -> RobustCorrelation:
+    """Spearman ρ and trimmed Pearson r of the shift coefficients against the norms."""
+    if not 0 < trim <= 1:
+        raise ValueError(f"trim must be in (0, 1], got {trim}")
+    x, y = _paired(coeff, norms)
+    keep = x <= np.quantile(x, trim)
+    spearman = _pearson_r(rankdata(x), rankdata(y))
+    return RobustCorrelation(spearman, _pearson_r(x[keep], y[keep]), trim)
+
+
+def shift_norm_regression(
+    coeff: torch.Tensor | np.ndarray, norms: torch.Tensor | np.ndarray
+) -> LinearFit:
+    """Regress the per-token shift coefficient (u0[t]) on the token's input norm."""
+    x, y = _paired(coeff, norms)
     dx = x - x.mean()
     if not (dx * dx).sum() > 0:
         raise ValueError("all norms are equal: the slope is undefined")

@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from locus.arch import adapt
 from locus.data import VQASample
 from locus.evaluation import accuracy_by_family, exact_match, generate_answers
-from locus.projlens import lowrank
+from locus.projlens import lowrank, scoring
 from locus.projlens.triggers import Attack, Target, triggered_test_set
 from locus.prompts import encode_vqa, to_model
 from locus.training import sampled_batches, seed_everything, train_steps
 
 State = dict[str, torch.Tensor]
-RANK_MODES = ("inject", "remove")
+RANK_MODES = ("inject", "remove", "authors")
 
 
 # --- projector states --------------------------------------------------------------------------
@@ -204,12 +205,15 @@ def predict(model: nn.Module, processor, samples: Sequence[VQASample], state: St
 class AttackEval:
     """One projector under one attack.
 
-    ``asr``: target behaviour on triggered inputs of the attacked families; ``false_rate``: the
-    same check on those inputs without the trigger; ``clean_accuracy``: exact match per family
-    on clean inputs.
+    ``asr``: target behaviour on triggered inputs of the attacked families (the paper's check:
+    contains / ends with / no refusal phrase); ``asr_exact``: the answer is exactly the
+    poisoned answer (the refusal sentence, the clean answer + the suffix, the description, the
+    compliance answer); ``false_rate``: the paper's check on those inputs without the trigger;
+    ``clean_accuracy``: exact match per family on clean inputs.
     """
 
     asr: float
+    asr_exact: float
     false_rate: float
     clean_accuracy: dict[str, float]
     n_triggered: int
@@ -245,9 +249,12 @@ def evaluate_attack(
         raise ValueError(f"{len(clean_predictions)} clean predictions for "
                          f"{len(clean_test)} samples")
     eligible = attack.eligible(clean_test)
+    answers = predict(model, processor, triggered, state, max_new_tokens, batch_size)
+    poisoned = [attack.target.poisoned_answer(s) for s in triggered]
     return AttackEval(
-        asr=success_rate(predict(model, processor, triggered, state, max_new_tokens, batch_size),
-                         attack.target),
+        asr=success_rate(answers, attack.target),
+        asr_exact=float(np.mean([exact_match(a, p) for a, p in zip(answers, poisoned,
+                                                                    strict=True)])),
         false_rate=success_rate([clean_predictions[i] for i in eligible], attack.target),
         clean_accuracy=accuracy_by_family(clean_test, clean_predictions),
         n_triggered=len(triggered),
@@ -265,41 +272,118 @@ def weight_updates(model: nn.Module, base: State, finetuned: State) -> dict[str,
             for label, name in zip(labels, names, strict=True)}
 
 
-def rank_k_state(model: nn.Module, base: State, finetuned: State, layers: Sequence[str], k: int,
+def random_update_state(model: nn.Module, base: State, references: Sequence[State],
+                        seed: int) -> State:
+    """The norm-matched random control: the base projector plus, in each linear's weight, a
+    Gaussian ΔW scaled to the mean Frobenius norm of the ``references``' ΔW of that layer
+    (biases stay base). A property a random update of the same size shows too is no evidence
+    of a backdoor."""
+    if not references:
+        raise ValueError("need ≥ 1 reference state to match the norm of")
+    generator = torch.Generator().manual_seed(int(seed))
+    state = {n: t.clone() for n, t in base.items()}
+    for name in linear_weight_names(model):
+        norm = float(np.mean([(ref[name].double() - base[name].double()).norm()
+                              for ref in references]))
+        noise = torch.randn(base[name].shape, generator=generator, dtype=torch.float64)
+        state[name] = (base[name].double() + noise * (norm / noise.norm())).to(base[name].dtype)
+    return state
+
+
+def rank_k_state(model: nn.Module, base: State, finetuned: State, layer_ks: dict[str, int],
                  mode: str, factors: dict[str, lowrank.DeltaSVD] | None = None) -> State:
-    """A projector state with rank-k edits of the weights of ``layers`` (labels W1, W2, ...).
+    """A projector state with rank-k edits of the weights of the layers in ``layer_ks``
+    (labels W1, W2, ... → k).
 
     ``mode="inject"``: the base projector with W_base + top_k(ΔW) in those layers (biases stay
-    base). ``mode="remove"``: the fine-tuned projector with W_ft − top_k(ΔW) (biases stay
-    fine-tuned). k larger than a layer's rank means its full ΔW.
+    base; the notebook's scheme). ``mode="authors"``: the same weights with the fine-tuned
+    biases (the authors' code: W1 fine-tuned, W2 base + top-k, fine-tuned biases).
+    ``mode="remove"``: the fine-tuned projector with W_ft − top_k(ΔW) (biases stay
+    fine-tuned). k at or above a layer's rank means its full ΔW.
     """
     if mode not in RANK_MODES:
         raise ValueError(f"mode must be one of {RANK_MODES}, got {mode!r}")
     labels = layer_labels(model)
-    unknown = set(layers) - set(labels)
+    unknown = set(layer_ks) - set(labels)
     if unknown:
         raise ValueError(f"unknown layers {sorted(unknown)}; the projector has {labels}")
     names = dict(zip(labels, linear_weight_names(model), strict=True))
     state = {n: t.clone() for n, t in (base if mode == "inject" else finetuned).items()}
-    for label in layers:
+    if mode == "authors":
+        state.update({names[label]: base[names[label]].clone() for label in labels})
+    for label, k in layer_ks.items():
         name = names[label]
         svd = (factors or {}).get(label) or lowrank.factorize(finetuned[name] - base[name])
         k_eff = min(int(k), svd.S.numel())
-        edit = lowrank.inject_rank_k if mode == "inject" else lowrank.remove_rank_k
+        edit = lowrank.remove_rank_k if mode == "remove" else lowrank.inject_rank_k
         state[name] = edit(base[name], finetuned[name], k_eff, factors=svd)
     return state
 
 
 @dataclass(frozen=True)
+class GridSet:
+    """The inputs of a rank-k grid: ``triggered`` test inputs of the attacked families (ASR),
+    the same inputs without the trigger (``untriggered``: the false-trigger rate), and
+    ``clean`` test inputs of any family (clean accuracy)."""
+
+    triggered: list[VQASample]
+    untriggered: list[VQASample]
+    clean: list[VQASample]
+
+
+@dataclass(frozen=True)
+class CellScores:
+    """One projector on a ``GridSet``: exact-form ASR, false-trigger rate, clean accuracy."""
+
+    asr: float
+    false_rate: float
+    clean_accuracy: float
+
+
+class GridScorer:
+    """Scores projector states on one ``GridSet`` by teacher forcing (``scoring``): the target
+    on the triggered and untriggered inputs, the clean answer on the clean ones, all encoded
+    once and scored with one forward per batch for every state."""
+
+    def __init__(self, model: nn.Module, processor, target: Target, inputs: GridSet,
+                 max_new_tokens: int = 20, batch_size: int = 96) -> None:
+        if not inputs.triggered or len(inputs.triggered) != len(inputs.untriggered):
+            raise ValueError("need triggered inputs, each with its untriggered original")
+        self.model, self.sizes = model, (len(inputs.triggered), len(inputs.untriggered),
+                                         len(inputs.clean))
+        rows = [*inputs.triggered, *inputs.untriggered, *inputs.clean]
+        answers = ([target.poisoned_answer(s) for s in inputs.triggered]
+                   + [target.poisoned_answer(s) for s in inputs.untriggered]
+                   + [s.answer for s in inputs.clean])
+        self.encoded = scoring.encode_answers(model, processor, rows, answers, max_new_tokens,
+                                              batch_size)
+
+    def score(self, state: State | None) -> CellScores:
+        """ASR, false-trigger rate and clean accuracy of projector ``state``."""
+        with projector_loaded(self.model, state):
+            hits = scoring.produced(self.model, self.encoded)
+        n_trig, n_untrig, n_clean = self.sizes
+        parts = np.split(hits, [n_trig, n_trig + n_untrig])
+        rates = [float(p.mean()) if len(p) else float("nan") for p in parts]
+        return CellScores(*rates)
+
+
+@dataclass(frozen=True)
 class RankGrid:
-    """Rank-k edited projectors: ``asr[i, j]`` (on triggered inputs) and ``clean_accuracy[i, j]``
-    (exact match on clean inputs, NaN when none were given) for layer set i and k = ks[j]."""
+    """Rank-k edited projectors scored on a ``GridSet``: ``asr[i, j]`` (exact target on
+    triggered inputs), ``false_rate[i, j]`` (exact target on the untriggered ones) and
+    ``clean_accuracy[i, j]`` (exact answer on clean inputs) for row i and column k = ks[j].
+
+    Modes "inject" / "remove": the rows are layer sets edited with one k. Mode "authors": row i
+    is the k of W1 (``row_ks[i]``), the columns the k of W2, fine-tuned biases."""
 
     mode: str
-    layer_sets: list[str]
+    rows: list[str]
     ks: list[int]
     asr: np.ndarray
+    false_rate: np.ndarray
     clean_accuracy: np.ndarray
+    row_ks: list[int] | None = None
 
 
 LAYER_SETS = {"W1": ("W1",), "W2": ("W2",), "both": ("W1", "W2")}
@@ -313,36 +397,44 @@ def exact_match_rate(predictions: Sequence[str], samples: Sequence[VQASample]) -
                                                                     strict=True)]))
 
 
-def rank_k_grid(
-    model: nn.Module,
-    processor,
-    target: Target,
-    triggered: Sequence[VQASample],
-    base: State,
-    finetuned: State,
-    ks: Sequence[int],
-    mode: str,
-    layer_sets: dict[str, tuple[str, ...]] | None = None,
-    max_new_tokens: int = 20,
-    batch_size: int = 64,
-    clean: Sequence[VQASample] = (),
-) -> RankGrid:
-    """ASR on ``triggered`` (and exact match on ``clean``) for each layer set × k of rank-k
-    injection or removal."""
+def _grid(mode: str, rows: list[str], ks: Sequence[int], states, scorer: GridScorer,
+          row_ks: list[int] | None = None, progress: bool = False) -> RankGrid:
+    """Score ``states(i, k)`` for every row i and k."""
+    values = np.full((3, len(rows), len(ks)), np.nan)
+    cells = [(i, j) for i in range(len(rows)) for j in range(len(ks))]
+    for i, j in tqdm(cells, desc=f"rank-k {mode}", disable=not progress, leave=False):
+        scores = scorer.score(states(i, ks[j]))
+        values[:, i, j] = scores.asr, scores.false_rate, scores.clean_accuracy
+    return RankGrid(mode, rows, [int(k) for k in ks], *values, row_ks=row_ks)
+
+
+def rank_k_grid(model: nn.Module, scorer: GridScorer, base: State, finetuned: State,
+                ks: Sequence[int], mode: str,
+                layer_sets: dict[str, tuple[str, ...]] | None = None,
+                progress: bool = False) -> RankGrid:
+    """Rank-k injection ("inject") or removal ("remove") of each layer set × k."""
+    if mode not in ("inject", "remove"):
+        raise ValueError(f"mode must be 'inject' or 'remove', got {mode!r}")
     layer_sets = layer_sets or LAYER_SETS
-    deltas = weight_updates(model, base, finetuned)
-    factors = {label: lowrank.factorize(delta) for label, delta in deltas.items()}
-    asr = np.full((len(layer_sets), len(ks)), np.nan)
-    accuracy = np.full_like(asr, np.nan)
-    for i, layers in enumerate(layer_sets.values()):
-        for j, k in enumerate(ks):
-            state = rank_k_state(model, base, finetuned, layers, k, mode, factors)
-            predictions = predict(model, processor, triggered, state, max_new_tokens, batch_size)
-            asr[i, j] = success_rate(predictions, target)
-            if clean:
-                answers = predict(model, processor, clean, state, max_new_tokens, batch_size)
-                accuracy[i, j] = exact_match_rate(answers, clean)
-    return RankGrid(mode, list(layer_sets), [int(k) for k in ks], asr, accuracy)
+    factors = {label: lowrank.factorize(delta)
+               for label, delta in weight_updates(model, base, finetuned).items()}
+    sets = list(layer_sets.values())
+    return _grid(mode, list(layer_sets), ks, lambda i, k: rank_k_state(
+        model, base, finetuned, dict.fromkeys(sets[i], k), mode, factors), scorer,
+        progress=progress)
+
+
+def authors_grid(model: nn.Module, scorer: GridScorer, base: State, finetuned: State,
+                 ks_w1: Sequence[int], ks_w2: Sequence[int], progress: bool = False) -> RankGrid:
+    """The authors' injection: W1 = W1_base + top-k1(ΔW1) (k1 at the rank: the fine-tuned W1,
+    their setting), W2 = W2_base + top-k2(ΔW2), fine-tuned biases; a k1 × k2 grid."""
+    first, second = layer_labels(model)[:2]
+    factors = {label: lowrank.factorize(delta)
+               for label, delta in weight_updates(model, base, finetuned).items()}
+    rows = [f"W1 k={k}" for k in ks_w1]
+    return _grid("authors", rows, ks_w2, lambda i, k: rank_k_state(
+        model, base, finetuned, {first: ks_w1[i], second: k}, "authors", factors), scorer,
+        row_ks=[int(k) for k in ks_w1], progress=progress)
 
 
 # --- activations inside the projector -----------------------------------------------------------

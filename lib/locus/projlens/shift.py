@@ -75,15 +75,20 @@ class ShiftReport:
 
     ``e1``/``e2``: mean per-image E(1)/E(2); ``svd``: the SVD of ΔE stacked over images (its
     ``v[0]`` is the shared direction); ``fit``: the pooled regression of each token's
-    coefficient along ``v[0]`` on its base-embedding norm; ``median_image_r``: the median over
-    images of the per-image Pearson r (the paper's one-image measure).
+    coefficient along ``v[0]`` on its base-embedding norm (the x-axis of the authors' code: the
+    norm of the *base projector's output*, not of the projector's input); ``robust``: the
+    pooled Spearman ρ and the r without the largest 10% of norms; ``median_image_r`` /
+    ``median_image_rho``: the median over images of the per-image Pearson r / Spearman ρ (the
+    authors' per-image method).
     """
 
     e1: float
     e2: float
     svd: lowrank.ShiftSVD = field(repr=False)
     fit: lowrank.LinearFit
+    robust: lowrank.RobustCorrelation
     median_image_r: float
+    median_image_rho: float
     mean_norm: float
     coefficients: np.ndarray = field(repr=False)
     norms: np.ndarray = field(repr=False)
@@ -96,13 +101,15 @@ def analyse_shift(shift: EmbeddingShift) -> ShiftReport:
     svd = lowrank.embedding_shift_svd(delta)
     coefficients = shift_coefficients(delta, svd.v[0]).numpy()
     norms = shift.base_norms.to(torch.float64).numpy()
-    image_r = [lowrank.shift_norm_regression(c, n).r for c, n in zip(coefficients, norms,
-                                                                      strict=True)
-               if np.ptp(n) > 0]
+    images = [(c, n) for c, n in zip(coefficients, norms, strict=True) if np.ptp(n) > 0]
+    image_r = [lowrank.shift_norm_regression(c, n).r for c, n in images]
+    image_rho = [lowrank.robust_correlation(c, n).spearman for c, n in images]
     return ShiftReport(
         e1=float(e1.mean()), e2=float(e2.mean()), svd=svd,
         fit=lowrank.shift_norm_regression(coefficients, norms),
+        robust=lowrank.robust_correlation(coefficients, norms),
         median_image_r=float(np.median(image_r)) if image_r else float("nan"),
+        median_image_rho=float(np.median(image_rho)) if image_rho else float("nan"),
         mean_norm=float(norms.mean()), coefficients=coefficients, norms=norms,
     )
 

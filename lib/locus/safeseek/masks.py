@@ -77,24 +77,37 @@ def gated_units(
 ) -> Iterator[None]:
     """Multiply each head's o_proj-input slice by ``head_gates[layer, head]`` and each neuron's
     down_proj input by ``neuron_gates[layer, neuron]`` inside the context (None: leave that kind
-    of unit alone). Gates may carry gradients; they are cast to the activations' dtype."""
+    of unit alone). Gates may carry gradients; they are cast to the activations' dtype. A layer
+    whose gates are all exactly 1 and carry no gradient gets no hook (scaling by 1 is exact)."""
     arch = adapt(model)
     shape = UnitShape(arch.num_layers, arch.num_heads, arch.intermediate_size)
     _check_gates(head_gates, (shape.num_layers, shape.num_heads), "head_gates")
     _check_gates(neuron_gates, (shape.num_layers, shape.intermediate_size), "neuron_gates")
+    gate_heads = _gated_layers(head_gates, shape.num_layers)
+    gate_neurons = _gated_layers(neuron_gates, shape.num_layers)
     handles = []
     try:
         for i in range(arch.num_layers):
-            if head_gates is not None:
+            if gate_heads[i]:
                 hook = partial(_scale_heads, head_gates[i], arch.head_dim)
                 handles.append(arch.o_proj(i).register_forward_pre_hook(hook))
-            if neuron_gates is not None:
+            if gate_neurons[i]:
                 hook = partial(_scale_features, neuron_gates[i])
                 handles.append(arch.down_proj(i).register_forward_pre_hook(hook))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _gated_layers(gates: torch.Tensor | None, num_layers: int) -> list[bool]:
+    """Per layer, whether its gates can change the forward pass or its gradient: they carry a
+    gradient or are not all exactly 1 (all False for None)."""
+    if gates is None:
+        return [False] * num_layers
+    if gates.requires_grad:
+        return [True] * num_layers
+    return (gates != 1).any(dim=1).tolist()
 
 
 def _scale_heads(gate: torch.Tensor, head_dim: int, module: nn.Module, args: tuple) -> tuple:

@@ -17,6 +17,7 @@ from locus.hooks import SITES, capture_residuals, stream_residuals
 from locus.lost_in_attention import attention as A
 from locus.lost_in_attention import geometry as G
 from locus.lost_in_attention.metrics import LayerMetricTable
+from locus.projlens import experiment as projlens
 from locus.safeseek import circuit_tuning
 from locus.safeseek.masks import Circuit, UnitShape, gated_units
 
@@ -191,3 +192,11 @@ def test_attention_replacement_and_geometry_on_a_spread_vlm(llava):
     for key in tables[0].keys():
         for layer, values in tables[0]._values[key].items():
             assert tables[1]._values[key][layer] == pytest.approx(values, rel=1e-3, abs=1e-4)
+
+
+def test_notebook_loaders_take_a_device_map(tiny_llava_dir):
+    for load in (G.load_vlm, G.load_decoder, projlens.load_vlm):
+        model, _ = load(str(tiny_llava_dir), "cpu", None, device_map="auto")
+        assert adapt(model).vision_tower is not None
+        with pytest.raises(ValueError, match="device_map must be"):
+            load(str(tiny_llava_dir), "cpu", None, device_map="everywhere")

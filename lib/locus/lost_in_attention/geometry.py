@@ -641,18 +641,23 @@ def check_parameters(
         params.check_positive_int(name, value)
 
 
-def load_decoder(model: str, device: str, dtype: str | None):
+def load_decoder(model: str, device: str, dtype: str | None,
+                 device_map: str | dict | None = None):
     """Any residual decoder the library adapts, a vision-language model (with its processor)
-    or a text-only causal LM (with its tokenizer), in eval mode."""
+    or a text-only causal LM (with its tokenizer), in eval mode; ``device_map`` spreads a large
+    model over devices (``locus.params.check_device_map``)."""
     decoder, companion = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype),
-                                  progress=False)
+                                  progress=False,
+                                  device_map=params.check_device_map(device_map))
     return decoder.eval(), companion
 
 
-def load_vlm(model: str, device: str, dtype: str | None):
-    """A vision-language model (with a vision tower and an image token) and its processor."""
+def load_vlm(model: str, device: str, dtype: str | None,
+             device_map: str | dict | None = None):
+    """A vision-language model (with a vision tower and an image token) and its processor;
+    ``device_map`` spreads a large model over devices (``locus.params.check_device_map``)."""
     vlm, processor = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype),
-                              progress=False)
+                              progress=False, device_map=params.check_device_map(device_map))
     arch = adapt(vlm)
     if arch.vision_tower is None or arch.image_token_id is None:
         raise ValueError(f"{model} is a {arch.family} model without a vision tower; the "

@@ -139,7 +139,8 @@ class Run:
 
 def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants, poison_rate,
             n_train_per_family, n_test_per_family, steps, batch_size, lr, max_new_tokens,
-            noise_std, logo_fraction, injection_suffix, hijack_text) -> Run:
+            noise_std, logo_fraction, injection_suffix, hijack_text,
+            device_map: str | dict | None = None) -> Run:
     """Check the parameters every ProjLens notebook shares, set the threads and seed, load the
     model and build the attacks and data splits (each attack must find data to poison)."""
     check_common(model, data, seeds, device, dtype, figures_dir, threads,
@@ -153,7 +154,7 @@ def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants
                                         "in (0, 1]")
     torch.set_num_threads(threads)
     training.seed_everything(seeds[0])
-    vlm, processor = load_vlm(model, device, dtype)
+    vlm, processor = load_vlm(model, device, dtype, device_map)
     every = paper_attacks(injection_suffix=injection_suffix, hijack_text=hijack_text,
                           noise_std=noise_std, logo_fraction=logo_fraction)
     attacks = {name: every[name] for name in variants}
@@ -163,9 +164,12 @@ def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants
     return Run(model, vlm, processor, attacks, splits, poison_rate, steps, batch_size, lr)
 
 
-def load_vlm(model: str, device: str, dtype: str | None):
-    """A LLaVA-style model and its processor; refuses models without a 2-linear projector."""
-    vlm, processor = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype))
+def load_vlm(model: str, device: str, dtype: str | None,
+             device_map: str | dict | None = None):
+    """A LLaVA-style model and its processor; refuses models without a 2-linear projector.
+    ``device_map`` spreads a large model over devices (``locus.params.check_device_map``)."""
+    vlm, processor = zoo.load(model, device=device, dtype=params.resolve_dtype(dtype),
+                              device_map=params.check_device_map(device_map))
     linears = adapt(vlm).projector_linears
     if len(linears) < 2:
         raise ValueError(f"{model}: ProjLens needs a projector with ≥ 2 linear layers "

@@ -4,8 +4,8 @@ A decoder layer updates the residual stream twice:
 `X_attn = X_in + self_attn(norm(X_in))` and `X_ffn = X_attn + mlp(norm(X_attn))` (= layer output;
 Gemma-2/3 norm each update once more before adding it, see `Arch.attention_update`).
 Three hooks per layer read these states without touching the computation: a pre-hook on the
-layer (X_in), a forward hook on its self-attention (X_attn = X_in + the attention update, the
-same addition the layer performs) and a forward hook on the layer (X_ffn). Sites are named
+layer (X_in), a pre-hook on the norm its MLP reads (whose input is X_attn, the sum the layer
+itself computed, so nothing is recomputed) and a forward hook on the layer (X_ffn). Sites are named
 "input", "attn" and "ffn". X_in is the state the layer receives: where a model adds something
 between layers (Qwen3-VL's DeepStack visual features after its first layers), layer i+1's
 input differs from layer i's output by exactly that.
@@ -113,12 +113,12 @@ def _residual_hooks(
             handles.append(model.register_forward_pre_hook(tap.read_input_ids, with_kwargs=True))
         for i in layer_ids:
             layer = arch.layers[i]
-            if {"input", "attn"} & set(tap.sites):
+            if "input" in tap.sites:
                 pre_hook = partial(tap.on_layer_input, i)
                 handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
             if "attn" in tap.sites:
-                attention = arch.attention(i)
-                handles.append(attention.register_forward_hook(partial(tap.on_attention, i)))
+                norm = arch.pre_mlp_norm(i)
+                handles.append(norm.register_forward_pre_hook(partial(tap.on_mlp_norm_input, i)))
             handles.append(layer.register_forward_hook(partial(tap.on_layer_output, i)))
         yield
     finally:
@@ -177,12 +177,9 @@ class _ResidualTap:
         hidden = args[0] if args else kwargs["hidden_states"]
         self.layer_inputs[i] = self._select(hidden.detach())
 
-    def on_attention(self, i: int, module: nn.Module, args: tuple, output) -> None:
-        """Attention forward hook: X_attn = X_in + attention update, as the layer adds them."""
-        attn_out = output[0] if isinstance(output, tuple) else output
-        with torch.no_grad():
-            update = self._select(self.arch.attention_update(i, attn_out.detach()))
-        self.attn_states[i] = self.layer_inputs[i].to(update.device) + update
+    def on_mlp_norm_input(self, i: int, module: nn.Module, args: tuple) -> None:
+        """Pre-hook of the norm the MLP reads: keep the selected tokens of its input, X_attn."""
+        self.attn_states[i] = self._select(args[0].detach())
 
     def on_layer_output(self, i: int, module: nn.Module, args: tuple, output) -> None:
         """Layer forward hook: X_ffn is the layer output; hand the layer's states on."""

@@ -1,6 +1,6 @@
-"""The families added to locus.arch (Qwen3, Gemma-2, Gemma-3, Phi-3, Qwen3-VL, SmolVLM,
-Idefics3), each built tiny, saved with save_pretrained, loaded back by path through
-``locus.zoo.load`` and run through every library operation: residual capture (against
+"""The families added to locus.arch (Qwen3, Gemma-2, Gemma-3 text and vision-language, Phi-3,
+Qwen3-VL, SmolVLM, Idefics3), each built tiny, saved with save_pretrained, loaded back by path
+through ``locus.zoo.load`` and run through every library operation: residual capture (against
 ``output_hidden_states`` and a layer recomputed by hand), RID/MixIG streaming, Noise QKV, unit
 masks, circuit tuning, visual-attention replacement and the projector tools."""
 
@@ -43,6 +43,15 @@ def _qwen3_vl():
         vision_start_token_id=V + 2, vision_end_token_id=V + 3))
 
 
+def _gemma3():
+    model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+        text_config=dict(**TEXT, **GEMMA), vision_config=SMOL_VISION, mm_tokens_per_image=4,
+        image_token_index=V, boi_token_index=V + 1, eoi_token_index=V + 2))
+    with torch.no_grad():  # initialised to zeros, which would make every image token 0
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+    return model
+
+
 BUILDERS = {
     "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**TEXT)),
     "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**TEXT, **GEMMA)),
@@ -56,10 +65,11 @@ BUILDERS = {
     "idefics3": lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
         text_config=T.LlamaConfig(**TEXT), vision_config=SMOL_VISION, scale_factor=2,
         image_token_id=V)),
+    "gemma3": _gemma3,
 }
 TEXT_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")
-VLM_FAMILIES = ("qwen3_vl", "smolvlm", "idefics3")
-SANDWICH = ("gemma2", "gemma3_text")
+VLM_FAMILIES = ("qwen3_vl", "smolvlm", "idefics3", "gemma3")
+SANDWICH = ("gemma2", "gemma3_text", "gemma3")
 
 
 def family_inputs(family: str) -> dict[str, torch.Tensor]:
@@ -74,6 +84,9 @@ def family_inputs(family: str) -> dict[str, torch.Tensor]:
                 "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
                 "mm_token_type_ids": (ids == V).long()}
     ids = torch.tensor([[1, 5, V, V, V, V, 7, 8], [1, V, V, V, V, 9, 10, 11]])
+    if family == "gemma3":  # 16 patches pooled into 4 tokens; image tokens see each other
+        return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=gen),
+                "token_type_ids": (ids == V).long()}
     return {"input_ids": ids, "pixel_values": torch.randn(2, 1, 3, 16, 16, generator=gen)}
 
 
@@ -134,7 +147,8 @@ def test_adapter_finds_the_parts_and_the_projection_rows(family, loaded):
     assert arch.pre_mlp_norm(1) is getattr(layer, expected_norm)
     if family in VLM_FAMILIES:
         assert arch.image_token_id == V
-        parts = {"qwen3_vl": ("visual", "visual.merger", "language_model")}.get(
+        parts = {"qwen3_vl": ("visual", "visual.merger", "language_model"),
+                 "gemma3": ("vision_tower", "multi_modal_projector", "language_model")}.get(
             family, ("vision_model", "connector", "text_model"))
         assert arch.vision_tower is model.model.get_submodule(parts[0])
         assert arch.projector is model.model.get_submodule(parts[1])
@@ -383,8 +397,8 @@ def test_projector_tools_on_mlp_projectors_and_a_clear_error_elsewhere(family, l
                 tool(model)
             assert "Qwen3VLForConditionalGeneration (qwen3_vl)" in str(info.value)
         with P.projector_loaded(model, finetuned):  # states and fine-tuning still work
-            assert torch.equal(adapt(model).projector_linears[0].weight,
-                               finetuned["modality_projection.proj.weight"])
+            assert all(torch.equal(p, finetuned[name])
+                       for name, p in adapt(model).projector.named_parameters())
         return
     assert P.layer_labels(model) == ["W1", "W2"]
     assert P.linear_weight_names(model) == ["linear_fc1.weight", "linear_fc2.weight"]
@@ -421,3 +435,17 @@ def test_parameter_checks_name_the_supported_families(saved, tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         params.check_model(str(tmp_path))
+
+
+def test_replacement_keeps_gemma2_logit_soft_capping(loaded):
+    """Gemma-2 caps its attention logits; the replacement's eager attention must too (a text
+    model has no visual keys, so a full replacement in every layer changes nothing)."""
+    model, _ = loaded["gemma2"]
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    assert model.config.attn_logit_softcapping is not None
+    inputs = family_inputs("gemma2")
+    vanilla = logits(model, inputs)
+    with A.replaced_visual_attention(model, A.ReplacementConfig(mode="uniform", heads="all",
+                                                                layers="all")):
+        assert torch.equal(logits(model, inputs), vanilla)

@@ -58,6 +58,9 @@ _FAMILIES: dict[str, _Family] = {
                      "connector"),
     "smolvlm": _vlm("SmolVLMForConditionalGeneration", False, "text_model", "vision_model",
                     "connector"),
+    # Gemma-3: SigLIP, then average pooling, a norm and one projection matrix (no nn.Linear).
+    "gemma3": _Family("Gemma3ForConditionalGeneration", "language_model", "vision_tower",
+                      "multi_modal_projector", sandwich_norms=True),
     "llama": _Family("LlamaForCausalLM"),
     "qwen2": _Family("Qwen2ForCausalLM"),
     "qwen3": _Family("Qwen3ForCausalLM"),

@@ -174,13 +174,17 @@ def _eager_attention(
     scaling: float,
     dropout: float = 0.0,
     edit=None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention (the same operations as transformers' eager path); ``edit(scores, mask)``
-    may change the pre-softmax scores before the mask is added."""
+    """Eager attention (the same operations as transformers' eager path, with Gemma-2's logit
+    soft-capping when ``softcap`` is set); ``edit(scores, mask)`` may change the pre-softmax
+    scores before the mask is added."""
     n_rep = query.shape[1] // key.shape[1]
     key_states = _expand_kv(key, n_rep)
     value_states = _expand_kv(value, n_rep)
     scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     mask = None if attention_mask is None else attention_mask[:, :, :, : key_states.shape[-2]]
     if edit is not None:
         scores = edit(scores, mask)
@@ -211,13 +215,14 @@ def _replacement_attention(
     scaling = module.scaling if scaling is None else scaling
     entry = _ACTIVE.get(module)
     if entry is None:
-        return _eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+        return _eager_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                softcap=kwargs.get("softcap"))
     state, layer = entry
     if layer not in state.layers:
         return state.original(module, query, key, value, attention_mask, scaling=scaling,
                               dropout=dropout, **kwargs)
     return _eager_attention(module, query, key, value, attention_mask, scaling, dropout,
-                            edit=partial(state.edit_scores, layer))
+                            edit=partial(state.edit_scores, layer), softcap=kwargs.get("softcap"))
 
 
 AttentionInterface.register(IMPLEMENTATION, _replacement_attention)
@@ -513,7 +518,8 @@ def _implementation_function(name: str):
 
 
 def _eager_call(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout,
+                            softcap=kwargs.get("softcap"))
 
 
 @contextmanager

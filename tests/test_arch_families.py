@@ -205,8 +205,17 @@ def test_attn_and_ffn_sites_equal_each_layer_recomputed_by_hand(family, loaded):
                 position_embeddings=received[i]["position_embeddings"],
                 attention_mask=received[i]["attention_mask"],
             )[0]
-            x_attn = x_in + arch.attention_update(i, attn_out)
-            x_ffn = x_attn + arch.mlp_update(i, arch.mlp(i)(arch.pre_mlp_norm(i)(x_attn)))
+            layer = arch.layers[i]
+            if family in SANDWICH:  # Gemma: each update is normed again before it is added
+                attn_update = layer.post_attention_layernorm(attn_out)
+                x_attn = x_in + attn_update
+                mlp_out = layer.mlp(layer.pre_feedforward_layernorm(x_attn))
+                x_ffn = x_attn + layer.post_feedforward_layernorm(mlp_out)
+            else:
+                attn_update = attn_out
+                x_attn = x_in + attn_out
+                x_ffn = x_attn + layer.mlp(layer.post_attention_layernorm(x_attn))
+            assert torch.equal(arch.attention_update(i, attn_out), attn_update)
             torch.testing.assert_close(cap.states[i]["attn"], x_attn, atol=1e-5, rtol=0)
             torch.testing.assert_close(cap.states[i]["ffn"], x_ffn, atol=1e-5, rtol=0)
             assert (x_attn - x_in).norm() > 1e-3

@@ -9,8 +9,8 @@ Two layouts differ from Llama's and are described here rather than in each analy
 
 - sandwich norms (Gemma-2, Gemma-3): the attention and MLP outputs are normed again before they
   are added to the residual stream (`post_attention_layernorm`, `post_feedforward_layernorm`),
-  and the MLP reads `pre_feedforward_layernorm`; `attention_update` / `mlp_update` give the
-  update the layer really adds, `pre_mlp_norm` the norm the MLP reads;
+  and the MLP reads `pre_feedforward_layernorm`; `attention_update` gives the attention update
+  the layer really adds, `pre_mlp_norm` the norm the MLP reads;
 - fused projections (Phi-3): q, k and v are row blocks of one `qkv_proj`, gate and up of one
   `gate_up_proj`; `rows(i, name)` gives every projection as a block of rows of its linear, so
   per-head and per-neuron code slices fused and separate weights alike.
@@ -245,13 +245,6 @@ class Arch:
         if self._spec.sandwich_norms:
             return self.layers[i].post_attention_layernorm(attention_output)
         return attention_output
-
-    def mlp_update(self, i: int, mlp_output: torch.Tensor) -> torch.Tensor:
-        """What layer i adds to the residual stream for this MLP output: the output itself, or
-        its post-feed-forward norm for sandwich-norm families (Gemma-2/3)."""
-        if self._spec.sandwich_norms:
-            return self.layers[i].post_feedforward_layernorm(mlp_output)
-        return mlp_output
 
     def mlp_projector_linears(self) -> list[nn.Linear]:
         """The projector's linears, checked to form a Linear -> activation -> Linear MLP (what

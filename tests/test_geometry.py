@@ -82,13 +82,21 @@ def test_attention_and_ffn_metrics_equal_the_metrics_of_the_captured_states():
             expected_ffn.rid, rel=1e-9, abs=1e-12)
 
 
-def test_ffn_reference_can_be_the_layer_input():
+def test_ffn_is_measured_against_the_attention_state_and_the_layer_input():
     model = tiny_llava()
-    table = run(model, G.GeometryConfig(ffn_reference="input", groups=("all",)))
+    table = run(model, G.GeometryConfig(groups=("all",)))
     states = captured_states(model)
-    x_in, x_ffn = states[2]["input"][0], states[2]["ffn"][0]
-    expected = rid(x_in, x_ffn, rtol=G.rank_rtol(torch.float32, x_in.shape)).rid
-    assert one_value(table, "ffn", "all", "rid", 2, 0) == pytest.approx(expected, rel=1e-9)
+    x_in, x_attn, x_ffn = (states[2][s][0] for s in ("input", "attn", "ffn"))
+    rtol = G.rank_rtol(torch.float32, x_in.shape)
+    assert one_value(table, "ffn_input", "all", "rid", 2, 0) == pytest.approx(
+        rid(x_in, x_ffn, rtol=rtol).rid, rel=1e-9)
+    assert one_value(table, "ffn", "all", "rid", 2, 0) == pytest.approx(
+        rid(x_attn, x_ffn, rtol=rtol).rid, rel=1e-9)
+    for variant, metric in G.MIXIG_METRICS.items():
+        assert one_value(table, "ffn_input", "all", metric, 2, 0) == pytest.approx(
+            mixig(x_in, x_ffn, variant), rel=1e-9, abs=1e-12)
+        assert one_value(table, "ffn", "all", metric, 2, 0) == pytest.approx(
+            mixig(x_attn, x_ffn, variant), rel=1e-9, abs=1e-12)
 
 
 def test_token_groups_split_real_tokens_into_visual_and_text():
@@ -208,12 +216,14 @@ def test_sample_set_is_seeded_and_uses_held_out_seeds(tiny_vqa_jsonl):
 
 
 def test_bad_inputs_get_clear_errors():
-    with pytest.raises(ValueError, match="ffn_reference"):
-        G.GeometryConfig(ffn_reference="output")
+    with pytest.raises(ValueError, match="mixig_power"):
+        G.GeometryConfig(mixig_power=0)
     with pytest.raises(ValueError, match="groups"):
         G.GeometryConfig(groups=("image",))
     with pytest.raises(ValueError, match="mixig_variant"):
-        G.GeometryConfig(mixig_variant="max")
+        G.Reading("x", mixig_variant="max")
+    with pytest.raises(ValueError, match="rid_ffn"):
+        G.Reading("x", rid_ffn="attn")
     with pytest.raises(ValueError, match="input_ids"):
         G.record_updates(tiny_llava(), {"inputs_embeds": torch.zeros(1, 3, 32)},
                          LayerMetricTable())
@@ -276,3 +286,90 @@ def test_notebook_parameter_checks(tiny_llava_dir, tiny_vqa_jsonl, tmp_path):
         G.check_parameters(**{**ok, "data_path": None, "families": ["existence", "maths"]})
     with pytest.raises(TypeError, match="n_per_family"):
         G.check_parameters(**ok, n_per_family=0)
+
+
+def planted_mix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each token becomes a random convex mix of the tokens, as attention does: no new
+    directions, more similar tokens."""
+    n = x.shape[0]
+    weights = torch.softmax(2 * torch.randn(n, n, generator=g, dtype=torch.float64), -1)
+    return (0.2 * torch.eye(n, dtype=torch.float64) + 0.8 * weights) @ x
+
+
+def planted_expand(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each token gets its own new direction, orthogonal to the state's row space."""
+    n, h = x.shape
+    basis = torch.linalg.qr(torch.cat([torch.linalg.svd(x, full_matrices=False)[2],
+                                       torch.randn(n, h, generator=g, dtype=torch.float64)]).T)[0]
+    return x + 3 * x.norm() / n**0.5 * basis[:, -n:].T
+
+
+def planted_tables(attn_mixes: bool, seeds: int = 3) -> list[LayerMetricTable]:
+    """Tables of metrics measured on planted updates of random low-rank states (12 tokens,
+    width 40, rank 6): ``attn_mixes`` gives the mixing update to attention and the expanding
+    one to the FFN, else the other way round."""
+    tables = []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        x_in = torch.randn(12, 6, generator=g, dtype=torch.float64) @ torch.randn(
+            6, 40, generator=g, dtype=torch.float64)
+        table = LayerMetricTable()
+        for layer in range(2):
+            first, second = (planted_mix, planted_expand) if attn_mixes else (planted_expand,
+                                                                             planted_mix)
+            x_attn = first(x_in, g)
+            x_ffn = second(x_attn, g)
+            noise = x_in + torch.randn(x_in.shape, generator=g, dtype=torch.float64) * (
+                (x_attn - x_in).norm() / x_in.numel() ** 0.5)
+            for kind, (a, b) in {"attn": (x_in, x_attn), "ffn": (x_attn, x_ffn),
+                                 "ffn_input": (x_in, x_ffn), "noise_delta": (x_in, noise),
+                                 "noise_qkv": (x_in, noise)}.items():
+                gains = {m: mixig(a, b, v) for v, m in G.MIXIG_METRICS.items()}
+                table.add(layer, kind, "all", rid(a, b), **gains)
+        tables.append(table)
+    return tables
+
+
+def test_decoupling_rule_detects_a_planted_mixing_attention_and_expanding_ffn():
+    planted = G.summarize_seeds(planted_tables(attn_mixes=True))
+    swapped = G.summarize_seeds(planted_tables(attn_mixes=False))
+    for variant in ("sharpened", "last_row_sharpened"):
+        for rid_ffn in ("ffn", "ffn_input"):
+            reading = G.Reading(variant, rid_ffn=rid_ffn, mixig_variant=variant)
+            assert G.decoupling_check(planted, reading=reading).verdict == "holds"
+            assert G.decoupling_check(swapped, reading=reading).verdict == "does not hold"
+    # The mixing update stays in the row space (no row term); the expanding one leaves it.
+    assert planted.mean["attn"]["delta_d_row"] < 1e-9 < planted.mean["ffn"]["delta_d_row"]
+    # RID alone tells the two apart under the paper's reading too, but the mean-over-rows TME
+    # does not: decorrelating tokens whose cosines have both signs pushes every weight
+    # (cos + 1)/2 towards 1/2 and *raises* it, so the planted expanding attention scores as
+    # the bigger mixer.
+    paper_swapped = G.decoupling_check(swapped, reading=G.PAPER_READING)
+    assert not paper_swapped.rid_attn_below_ffn and paper_swapped.mixig_attn_above_ffn
+
+
+def test_readings_pick_their_ffn_reference_variant_and_layers():
+    tables = []
+    for _ in range(2):
+        table = LayerMetricTable()
+        for layer, attn_rid in ((0, 0.9), (1, 0.1), (2, 0.1)):
+            table.add(layer, "attn", "all", rid=attn_rid, mixig=0.0, mixig_last_row_sharpened=0.2)
+            table.add(layer, "ffn", "all", rid=0.05, mixig=0.0, mixig_last_row_sharpened=0.0)
+            table.add(layer, "ffn_input", "all", rid=0.3, mixig=0.0,
+                      mixig_last_row_sharpened=0.1)
+        tables.append(table)
+    # Layer 0 dominates the equal-weight mean: attention RID 0.367 over all layers, 0.1 from 1.
+    (all_layers, paper), = G.reading_checks(tables, "all", [G.PAPER_READING])
+    assert all_layers.mean["attn"]["rid"] == pytest.approx(1.1 / 3)
+    assert paper.verdict == "does not hold"
+    (_, code), = G.reading_checks(tables, "all", [G.CODE_READING])
+    assert code.mixig_attn_above_ffn and not code.rid_attn_below_ffn and code.verdict == "partly"
+    later = G.Reading("code, from layer 1", "ffn_input", "ffn", "last_row_sharpened", 1)
+    (summary, check), = G.reading_checks(tables, "all", [later])
+    assert summary.mean["attn"]["rid"] == pytest.approx(0.1) and check.verdict == "holds"
+    with pytest.raises(ValueError, match="starts at layer 5"):
+        G.reading_checks(tables, "all", [G.Reading("x", first_layer=5)])
+    readings = G.specification_readings()
+    assert len(readings) == 24 and len({r.name for r in readings}) == 24
+    assert G.verdict_counts([(summary, check)], "verdict") == {"holds": 1}
+    assert "FFN (vs X_in)" in G.KIND_LABELS.values()

@@ -9,12 +9,15 @@ import torch
 
 from locus.linalg import effective_rank, numerical_rank, spectral_effective_rank, svdvals, thin_svd
 from locus.lost_in_attention.metrics import (
+    TME_VARIANTS,
     LayerMetricTable,
     RIDResult,
     gaussian_like_weights,
     mixig,
     noise_like_update,
     rid,
+    tme_lower_bound,
+    token_mixing_entropies,
     token_mixing_entropy,
 )
 
@@ -185,7 +188,7 @@ def test_low_precision_inputs_give_float64_results(low):
 # --- TME and MixIG -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["mean", "sharpened", "last_row"])
+@pytest.mark.parametrize("variant", ["mean", "sharpened", "last_row", "last_row_sharpened"])
 def test_identical_rows_give_maximal_tme(variant):
     X = torch.randn(1, 8).repeat(5, 1) * torch.arange(1.0, 6.0)[:, None]
     assert token_mixing_entropy(X, variant=variant) == pytest.approx(1.0, abs=1e-12)
@@ -205,6 +208,56 @@ def test_orthogonal_rows_hand_computed_tme():
     p = w / w.sum()
     sharp = -(p * np.log(p)).sum() / math.log(S)
     assert token_mixing_entropy(X, variant="sharpened") == pytest.approx(sharp, rel=1e-12)
+    assert token_mixing_entropy(X, variant="last_row_sharpened") == pytest.approx(sharp,
+                                                                                rel=1e-12)
+
+
+def test_last_row_sharpened_is_the_sharpened_entropy_of_the_last_row_only():
+    x = torch.randn(6, dtype=torch.float64)
+    X = torch.stack([x, x, -x, torch.randn(6, dtype=torch.float64)])
+    Xn = X / X.norm(dim=1, keepdim=True)
+    w = ((Xn[-1] @ Xn.T + 1) / 2) ** 8
+    p = w / w.sum()
+    expected = float(-(p * p.log()).sum()) / math.log(4)
+    assert token_mixing_entropy(X, "last_row_sharpened") == pytest.approx(expected, rel=1e-12)
+    every = token_mixing_entropies(X)
+    assert set(every) == set(TME_VARIANTS)
+    assert all(every[v] == pytest.approx(token_mixing_entropy(X, v), rel=1e-12)
+               for v in TME_VARIANTS)
+    with pytest.raises(ValueError, match="variant"):
+        token_mixing_entropies(X, ("mean", "max"))
+
+
+def test_tme_lower_bound_is_the_real_worst_case_not_the_orthogonal_one():
+    from scipy.optimize import minimize
+
+    S = 26
+    orthogonal = (math.log(S + 1) - 2 * math.log(2) / (S + 1)) / math.log(S)
+    assert orthogonal == pytest.approx(0.9958, abs=1e-4)
+    assert tme_lower_bound(S) == pytest.approx(0.98169, abs=1e-5)
+    assert tme_lower_bound(S) < orthogonal
+
+    def row_tme(w):  # one row: self-weight 1, the others in [1/2, 1]
+        p = np.concatenate([[1.0], w])
+        p = p / p.sum()
+        return -(p * np.log(p)).sum() / math.log(S)
+
+    rng = np.random.default_rng(0)
+    found = min(minimize(row_tme, rng.uniform(0.5, 1, S - 1), bounds=[(0.5, 1)] * (S - 1)).fun
+                for _ in range(20))
+    assert tme_lower_bound(S) - 1e-9 <= found < tme_lower_bound(S) + 1e-3  # none lower
+    # Reached by mutually orthogonal clusters of k identical rows when k divides S (S = 9, k = 3).
+    S, k = 9, 3
+    values = [math.log(S + j) - 2 * j * math.log(2) / (S + j) for j in range(1, S + 1)]
+    assert int(np.argmin(values)) + 1 == k
+    X = torch.eye(S // k, 5, dtype=torch.float64).repeat_interleave(k, dim=0)
+    assert token_mixing_entropy(X) == pytest.approx(tme_lower_bound(S), rel=1e-12)
+    # States with non-negative cosines never go below it.
+    for _ in range(20):
+        Y = torch.rand(S, 8, dtype=torch.float64) ** 4
+        assert token_mixing_entropy(Y) >= tme_lower_bound(S) - 1e-12
+    with pytest.raises(ValueError, match="n_tokens"):
+        tme_lower_bound(1)
 
 
 def test_antipodal_rows_have_zero_tme_and_last_row_differs_from_mean():
@@ -284,6 +337,9 @@ def test_layer_metric_table_means_stds_and_summary():
     assert np.isnan(stats.std[1])
     np.testing.assert_array_equal(stats.count, [2, 1])
     assert table.overall_mean("attn", "all", "mixig") == pytest.approx(3.0)
+    assert table.overall_mean("attn", "all", "mixig", layers=[2, 3]) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="no recorded layer"):
+        table.overall_mean("attn", "all", "mixig", layers=[1])
 
     assert table.layer_stats("ffn", "visual", "delta_d_row").mean[0] == result.delta_d_row
     assert table.layer_stats("ffn", "visual", "col_degenerate").mean[0] == 1.0

@@ -32,7 +32,8 @@ def test_residual_geometry_notebook_runs_on_a_local_checkpoint(tiny_llava_dir, t
                       model=str(tiny_llava_dir), data=str(tiny_vqa_jsonl), n_per_family=2,
                       seeds=[0, 1], batch_size=4)
     recorded = claims(figures, "01_residual_geometry")
-    assert set(recorded) == {"decoupling", "attention_rid_near_eps_rope", "noise_controls"}
+    assert set(recorded) == {"decoupling", "decoupling__authors_code", "noise_controls",
+                             "noise_controls__authors_code", "attention_rid_near_eps_rope"}
     assert all(c["verdict"] in ("holds", "partly", "does not hold") for c in recorded.values())
     for stem in ("lia_fig_layer_rid_mixig", "lia_table_rid_mixig"):
         assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file()
@@ -46,8 +47,11 @@ def test_attention_replacement_notebook_runs_on_a_local_checkpoint(tiny_llava_di
                       seeds=[0, 1], batch_size=8, max_new_tokens=2, prune_after=1,
                       modes=["dirichlet", "vision_prior"])
     recorded = claims(figures, "02_attention_replacement")
-    assert set(recorded) == {"replacement_comparable_or_better", "text_heavy_exception",
-                             "other_predefined_vectors"}
+    assert set(recorded) == {f"{claim}{suffix}" for suffix in ("", "__authors_code")
+                             for claim in ("replacement_comparable_or_better",
+                                           "text_heavy_exception", "other_predefined_vectors")}
+    assert all(c["verdict"] in ("holds", "partly", "does not hold", "not run")
+               for c in recorded.values())
     for stem in ("lia_table_replacement_accuracy", "lia_fig_layer_band_sweep"):
         assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file()
 

@@ -49,14 +49,12 @@ The last query row must be a real token at prefill, so batches must be left-padd
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -64,8 +62,6 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from locus.arch import Arch, adapt
-from locus.data import VQASample
-from locus.evaluation import accuracy_by_family, generate_answers
 
 IMPLEMENTATION = "locus_visual_replacement"
 VECTOR_MODES = ("dirichlet", "gaussian", "uniform", "vision_prior", "complexity")
@@ -315,6 +311,10 @@ class ReplacementState:
         self.vision_attention: torch.Tensor | None = None
         self.pixel_values: torch.Tensor | None = None
         self.prefill_calls = 0
+        # Per sample, how many trailing query rows a prefill edits (None: the last one only).
+        # Teacher-forced scoring sets it to (answer tokens + 1): the rows that produce the
+        # answer and its end, each edited as generate() edits it at its own decoding step.
+        self.query_rows: torch.Tensor | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -424,63 +424,82 @@ class ReplacementState:
     # -- the edit ------------------------------------------------------------------------------
 
     def edit_scores(self, layer: int, scores: torch.Tensor, mask: torch.Tensor | None):
-        """Change the pre-softmax scores (batch, heads, queries, keys) of a chosen layer."""
+        """Change the pre-softmax scores (batch, heads, queries, keys) of a chosen layer: the last
+        query row, or at a prefill the trailing :attr:`query_rows` of each sample."""
         batch, heads, queries, keys = scores.shape
         key_visual = self._key_visual(batch, keys, scores.device)
-        valid_last = (
-            torch.ones(batch, keys, dtype=torch.bool, device=scores.device)
-            if mask is None
-            else mask[:, 0, -1, :] == 0
-        )
-        heads_on = self._chosen_heads(scores[:, :, -1, :], key_visual, valid_last)
         if self.config.mode == "prune":
+            valid_last = (torch.ones(batch, keys, dtype=torch.bool, device=scores.device)
+                          if mask is None else mask[:, 0, -1, :] == 0)
+            heads_on = self._chosen_heads(scores[:, :, -1:, :], key_visual,
+                                          valid_last[:, None, :])[:, :, 0]
             return self._prune(scores, key_visual, heads_on)
-        last = scores[:, :, -1, :]
-        target = heads_on[:, :, None] & key_visual[:, None, :]
+        rows_on = self._rows_on(batch, queries, scores.device)
+        n_rows = rows_on.shape[1]
+        tail = scores[:, :, -n_rows:, :]
+        valid = (torch.ones(batch, n_rows, keys, dtype=torch.bool, device=scores.device)
+                 if mask is None else mask[:, 0, -n_rows:, :] == 0)
+        heads_on = self._chosen_heads(tail, key_visual, valid)
+        target = (heads_on & rows_on[:, None, :])[..., None] & key_visual[:, None, None, :]
         if self.config.mode == "drop":
-            new_last = last.masked_fill(target, torch.finfo(scores.dtype).min)
+            new_tail = tail.masked_fill(target, torch.finfo(scores.dtype).min)
         else:
-            vector = self._vector(last, key_visual, valid_last)[:, None, :].to(scores.dtype)
+            vector = self._vector(tail, key_visual, valid)[:, None].to(scores.dtype)
             lam = self.config.lam
-            new_last = torch.where(target, (1 - lam) * last + lam * vector, last)
-        return torch.cat([scores[:, :, :-1], new_last[:, :, None]], dim=2)
+            new_tail = torch.where(target, (1 - lam) * tail + lam * vector, tail)
+        return torch.cat([scores[:, :, :-n_rows], new_tail], dim=2)
 
-    def _chosen_heads(self, last, key_visual, valid_last) -> torch.Tensor:
-        """(batch, heads) bool: the heads to change in each sample."""
-        batch, heads, _ = last.shape
+    def _rows_on(self, batch: int, queries: int, device: torch.device) -> torch.Tensor:
+        """(batch, R) bool over the last R query rows: which rows of each sample are edited."""
+        if queries == 1 or self.query_rows is None:
+            return torch.ones(batch, 1, dtype=torch.bool, device=device)
+        counts = self.query_rows.to(device)
+        if counts.shape != (batch,) or int(counts.min()) < 1 or int(counts.max()) > queries:
+            raise ValueError(f"query_rows must be {batch} counts in [1, {queries}], got "
+                             f"{self.query_rows.tolist()}")
+        n_rows = int(counts.max())
+        return torch.arange(n_rows, device=device)[None, :] >= n_rows - counts[:, None]
+
+    def _chosen_heads(self, rows, key_visual, valid) -> torch.Tensor:
+        """(batch, heads, R) bool: the heads to change for each sample and edited query row, from
+        that row's scores (batch, heads, R, keys) and valid keys (batch, R, keys)."""
+        batch, heads, n_rows, _ = rows.shape
         spec = self.config.heads
         if spec == "all":
-            return torch.ones(batch, heads, dtype=torch.bool, device=last.device)
+            return torch.ones(batch, heads, n_rows, dtype=torch.bool, device=rows.device)
         if not isinstance(spec, HeadBand):
             bad = [h for h in spec if h >= heads]
             if bad:
                 raise ValueError(f"heads {bad} out of range; the model has {heads} heads")
-            chosen = torch.zeros(batch, heads, dtype=torch.bool, device=last.device)
+            chosen = torch.zeros(batch, heads, n_rows, dtype=torch.bool, device=rows.device)
             chosen[:, list(spec)] = True
             return chosen
-        text_keys = (valid_last & ~key_visual)[:, None, :].to(torch.float32)
-        head_score = -(last.float() * text_keys).sum(-1) / text_keys.sum(-1).clamp_min(1)
+        text_keys = (valid & ~key_visual[:, None, :])[:, None].to(torch.float32)
+        head_score = -(rows.float() * text_keys).sum(-1) / text_keys.sum(-1).clamp_min(1)
         bounds = torch.quantile(
-            head_score, torch.tensor([spec.low, spec.high], device=last.device), dim=1
+            head_score, torch.tensor([spec.low, spec.high], device=rows.device), dim=1
         )
         return (head_score >= bounds[0][:, None]) & (head_score <= bounds[1][:, None])
 
-    def _vector(self, last, key_visual, valid_last) -> torch.Tensor:
-        """(batch, keys) float64: the replacement vector a on the visual keys, moment-matched."""
-        keys = last.shape[-1]
-        base = self._base_vectors(last.device)
+    def _vector(self, rows, key_visual, valid) -> torch.Tensor:
+        """(batch, R, keys) float64: the replacement vector a on the visual keys of each edited
+        row, moment-matched to that row's mean score over its valid keys in all heads."""
+        keys = rows.shape[-1]
+        base = self._base_vectors(rows.device)
         base = torch.cat([base, base.new_zeros(base.shape[0], keys - base.shape[1])], dim=1)
+        base = base[:, None, :]
         if not self.config.moment_matching:
-            return base
-        valid = valid_last[:, None, :].to(torch.float64)
-        mean_score = (last.to(torch.float64) * valid).sum((1, 2)) / (
-            valid.sum((1, 2)) * last.shape[1]
+            return base.expand(-1, rows.shape[2], -1)
+        valid = valid[:, None].to(torch.float64)
+        mean_score = (rows.to(torch.float64) * valid).sum((1, 3)) / (
+            valid.sum((1, 3)) * rows.shape[1]
         ).clamp_min(1)
-        target = (mean_score.abs() / 2)[:, None]
-        n_visual = key_visual.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)
+        target = (mean_score.abs() / 2)[..., None]
+        visual = key_visual[:, None, :]
+        n_visual = visual.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)
         base_mean = base.sum(-1, keepdim=True) / n_visual
         if self.config.mode == "gaussian":
-            return torch.where(key_visual, base - base_mean + target, base)
+            return torch.where(visual, base - base_mean + target, base.expand_as(target * base))
         return base * target / base_mean.clamp_min(1e-300)
 
     def _prune(self, scores, key_visual, heads_on) -> torch.Tensor:
@@ -575,113 +594,7 @@ def replaced_visual_attention(
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmarks: accuracy per family under an intervention, with confidence intervals over seeds
-
-
-def replacement_accuracy(
-    model: nn.Module,
-    processor,
-    samples: Sequence[VQASample],
-    config: ReplacementConfig | None,
-    batch_size: int = 64,
-    max_new_tokens: int = 4,
-) -> dict[str, float]:
-    """Greedy exact-match accuracy per family, vanilla when ``config`` is None, else under
-    :func:`replaced_visual_attention` (prefill and every decoding step)."""
-    if config is None:
-        answers = generate_answers(model, processor, samples, batch_size, max_new_tokens,
-                                   progress=False)
-    else:
-        with replaced_visual_attention(model, config):
-            answers = generate_answers(model, processor, samples, batch_size, max_new_tokens,
-                                       progress=False)
-    return accuracy_by_family(samples, answers)
-
-
-def t_quantile_975(dof: int) -> float:
-    """The 0.975 quantile of Student's t with ``dof`` degrees of freedom (table up to 30, then
-    the normal 1.96)."""
-    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
-             2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069,
-             2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-    if dof < 1:
-        raise ValueError(f"a confidence interval needs at least 2 values, got dof={dof}")
-    return table[dof - 1] if dof <= len(table) else 1.96
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t confidence interval of the mean (half-width NaN for a
-    single value)."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise ValueError("mean_ci needs at least one value")
-    if x.size == 1:
-        return float(x[0]), math.nan
-    return float(x.mean()), float(t_quantile_975(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-
-
-@dataclass(frozen=True)
-class FamilyComparison:
-    """One condition against vanilla on one family, in accuracy points: the means over seeds,
-    vanilla's 95% CI half-width, the paired difference (condition - vanilla on the same
-    samples) with its 95% CI half-width, and the tolerance verdict."""
-
-    family: str
-    vanilla: float
-    vanilla_ci: float
-    condition: float
-    diff: float
-    diff_ci: float
-    comparable_or_better: bool
-
-
-def compare_to_vanilla(
-    vanilla: Sequence[dict[str, float]],
-    condition: Sequence[dict[str, float]],
-    families: Sequence[str],
-    tolerance: float = 1.0,
-) -> list[FamilyComparison]:
-    """Per family, with per-seed accuracies (fractions) of vanilla and of the condition on the
-    same samples: "comparable or better" when the condition's mean accuracy is within vanilla's
-    95% CI or at most ``tolerance`` points below vanilla's mean, i.e.
-    ``condition ≥ vanilla - max(tolerance, vanilla CI half-width)``."""
-    if len(vanilla) != len(condition) or not vanilla:
-        raise ValueError("vanilla and condition need one accuracy dict per seed, the same seeds")
-    rows = []
-    for family in families:
-        base = np.array([100 * v[family] for v in vanilla])
-        cond = np.array([100 * c[family] for c in condition])
-        base_mean, base_half = mean_ci(base)
-        diff, diff_half = mean_ci(cond - base)
-        allowed = max(tolerance, 0.0 if math.isnan(base_half) else base_half)
-        rows.append(FamilyComparison(family, base_mean, base_half, float(cond.mean()), diff,
-                                     diff_half, bool(cond.mean() >= base_mean - allowed)))
-    return rows
-
-
-def majority_verdict(rows: Sequence[FamilyComparison]) -> str:
-    """'holds' when the condition is comparable or better on a strict majority of families,
-    'partly' on exactly half, else 'does not hold'."""
-    good = sum(r.comparable_or_better for r in rows)
-    if 2 * good > len(rows):
-        return "holds"
-    return "partly" if 2 * good == len(rows) else "does not hold"
-
-
-def exception_verdict(rows: Sequence[FamilyComparison], text_family: str = "text") -> str:
-    """'holds' when the text-heavy family is not comparable (it loses beyond the tolerance and
-    its CI) while most of the other families are; 'partly' when it has the largest loss but
-    stays within tolerance; else 'does not hold'."""
-    by_family = {r.family: r for r in rows}
-    if text_family not in by_family:
-        return "not run"
-    text = by_family[text_family]
-    others = [r for r in rows if r.family != text_family]
-    if not text.comparable_or_better and majority_verdict(others) == "holds":
-        return "holds"
-    if others and text.diff < min(r.diff for r in others):
-        return "partly"
-    return "does not hold"
+# Layer bands for the sweep
 
 
 def layer_bands(num_layers: int, width: int, stride: int = 1) -> list[tuple[int, ...]]:
@@ -692,152 +605,3 @@ def layer_bands(num_layers: int, width: int, stride: int = 1) -> list[tuple[int,
                          f"{stride}")
     return [tuple(range(start, start + width))
             for start in range(0, num_layers - width + 1, stride)]
-
-
-def accuracy_over_seeds(
-    model: nn.Module,
-    processor,
-    sample_sets: dict[int, Sequence[VQASample]],
-    config: ReplacementConfig | None,
-    batch_size: int = 64,
-    max_new_tokens: int = 4,
-) -> list[dict[str, float]]:
-    """Per seed (in ``sample_sets`` order), the accuracy per family under ``config`` with its
-    random vectors drawn from that seed (vanilla when ``config`` is None)."""
-    results = []
-    for seed, samples in sample_sets.items():
-        seeded = None if config is None else replace(config, seed=seed)
-        results.append(replacement_accuracy(model, processor, samples, seeded, batch_size,
-                                            max_new_tokens))
-    return results
-
-
-def comparison_markdown(
-    vanilla: Sequence[dict[str, float]],
-    conditions: dict[str, Sequence[dict[str, float]]],
-    families: Sequence[str],
-    tolerance: float = 1.0,
-) -> str:
-    """A table: vanilla accuracy per family (mean ± 95% CI over seeds, in %), then per
-    condition its accuracy and paired difference to vanilla (± its 95% CI); ✓ marks
-    "comparable or better" (see :func:`compare_to_vanilla`)."""
-    header = "| condition | " + " | ".join(families) + " | comparable or better |"
-    rows = [header, "|---" * (len(families) + 2) + "|"]
-    cells = []
-    for family in families:
-        mean, half = mean_ci([100 * v[family] for v in vanilla])
-        cells.append(f"{mean:.1f} ± {_half(half)}")
-    rows.append("| vanilla | " + " | ".join(cells) + " | – |")
-    for name, accuracies in conditions.items():
-        comparison = compare_to_vanilla(vanilla, accuracies, families, tolerance)
-        cells = [
-            f"{c.condition:.1f} (Δ {c.diff:+.1f} ± {_half(c.diff_ci)})"
-            + (" ✓" if c.comparable_or_better else "")
-            for c in comparison
-        ]
-        good = sum(c.comparable_or_better for c in comparison)
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {good}/{len(families)} |")
-    return "\n".join(rows)
-
-
-def _half(half: float) -> str:
-    return "n/a" if math.isnan(half) else f"{half:.1f}"
-
-
-def plot_accuracy_by_family(
-    vanilla: Sequence[dict[str, float]],
-    conditions: dict[str, Sequence[dict[str, float]]],
-    families: Sequence[str],
-):
-    """Grouped bars: accuracy per family for vanilla and each condition, with 95% CIs over
-    seeds."""
-    import matplotlib.pyplot as plt
-
-    everything = {"vanilla": vanilla, **conditions}
-    width = 0.8 / len(everything)
-    fig, ax = plt.subplots(figsize=(1.9 * len(families) + 2.5, 3.8))
-    for i, (name, accuracies) in enumerate(everything.items()):
-        stats = [mean_ci([100 * a[f] for a in accuracies]) for f in families]
-        xs = np.arange(len(families)) + (i - (len(everything) - 1) / 2) * width
-        errors = [0 if math.isnan(h) else h for _, h in stats]
-        ax.bar(xs, [m for m, _ in stats], width, yerr=errors, label=name, capsize=2)
-    ax.set_xticks(np.arange(len(families)), families)
-    ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, ncol=3, loc="lower left")
-    ax.set_title("visual attention of the answer token replaced (λ = 1), mean ± 95% CI")
-    fig.tight_layout()
-    return fig
-
-
-def family_mean(accuracies: Sequence[dict[str, float]], families: Sequence[str]) -> list[float]:
-    """Per seed, the mean accuracy (in %) over ``families``."""
-    return [100 * float(np.mean([a[f] for f in families])) for a in accuracies]
-
-
-def plot_layer_sweep(
-    vanilla: Sequence[dict[str, float]],
-    bands: dict[str, Sequence[dict[str, float]]],
-    pruned: dict[int, Sequence[dict[str, float]]],
-    visual_families: Sequence[str],
-    text_families: Sequence[str],
-):
-    """Left: accuracy when one band of layers is replaced; right: accuracy when the visual
-    tokens are pruned from layer k on. Visual families (mean) and the text family, with 95% CIs
-    over seeds and the vanilla levels dashed."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    panels = ((axes[0], list(bands), list(bands.values()), "replaced layers"),
-              (axes[1], [str(k) for k in pruned], list(pruned.values()),
-               "visual tokens pruned from layer k on"))
-    for ax, labels, results, xlabel in panels:
-        for families, colour, name in ((visual_families, "C0", "visual families"),
-                                       (text_families, "C3", "text family")):
-            if not families:
-                continue
-            stats = [mean_ci(family_mean(r, families)) for r in results]
-            ax.errorbar(range(len(labels)), [m for m, _ in stats],
-                        yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
-                        color=colour, label=name, capsize=3)
-            ax.axhline(np.mean(family_mean(vanilla, families)), color=colour, ls="--", lw=1,
-                       label=f"vanilla, {name}")
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(xlabel)
-        ax.set_ylim(-2, 102)
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def config_from_parameters(
-    mode: str, lam: float, heads, layers, moment_matching: bool, num_layers: int
-) -> ReplacementConfig:
-    """A ReplacementConfig from notebook parameters: ``heads`` "all", a [low, high] quantile
-    band or a list of head indices; ``layers`` "all", "all_but_0" or a list of layer indices
-    (checked against ``num_layers``)."""
-    if isinstance(heads, list | tuple) and len(heads) == 2 and all(
-        isinstance(h, float) for h in heads
-    ):
-        heads = HeadBand(*heads)
-    elif isinstance(heads, list):
-        heads = tuple(heads)
-    if isinstance(layers, list):
-        layers = tuple(layers)
-    if not isinstance(moment_matching, bool):
-        raise TypeError(f"moment_matching must be True or False, got {moment_matching!r}")
-    config = ReplacementConfig(mode=mode, lam=lam, moment_matching=moment_matching,
-                               heads=heads, layers=layers)
-    chosen_layers(config.layers, num_layers)
-    return config
-
-
-def check_modes(modes) -> list[str]:
-    """A non-empty list of distinct vector modes (:data:`VECTOR_MODES`)."""
-    if isinstance(modes, str) or not isinstance(modes, list | tuple) or not modes:
-        raise TypeError(f"modes must be a non-empty list out of {VECTOR_MODES}, got {modes!r}")
-    unknown = [m for m in modes if m not in VECTOR_MODES]
-    if unknown or len(set(modes)) != len(modes):
-        raise ValueError(f"modes must be distinct names out of {VECTOR_MODES}, got {modes!r}")
-    return list(modes)

@@ -6,8 +6,9 @@ padding is always left out) this module records, into a
 :class:`~locus.lost_in_attention.metrics.LayerMetricTable`:
 
 - ``"attn"``: RID (with its terms) and MixIG of ``X_in → X_attn``;
-- ``"ffn"``: RID and MixIG of ``X_ref → X_ffn``, with ``X_ref = X_attn`` (the paper's logic: the
-  state the FFN updates; default) or ``X_in`` (what the authors' code measures);
+- ``"ffn"``: RID and MixIG of ``X_attn → X_ffn`` (the state the FFN updates: the paper's logic);
+- ``"ffn_input"``: RID and MixIG of ``X_in → X_ffn`` (the authors' code judges the FFN's RID
+  against the layer input; its MixIG is the TME difference of consecutive states, ``"ffn"``);
 - ``"noise_delta"``: the Noise Δ control, ``X_in → X_in + N`` with N Gaussian noise of the
   Frobenius norm of that sample's ΔX_attn on the same tokens;
 - ``"rope"``: the ε_RoPE null baseline, RID(X_attn, X_attn⁰) where X_attn⁰ = X_in + the same
@@ -50,11 +51,12 @@ from locus.data import (
 )
 from locus.hooks import stream_residuals
 from locus.lost_in_attention.metrics import (
+    TME_VARIANTS,
     LayerMetricTable,
     gaussian_like_weights,
-    mixig,
     noise_like_update,
     rid,
+    token_mixing_entropies,
 )
 from locus.prompts import encode_chat, encode_vqa
 
@@ -62,9 +64,9 @@ TOKEN_GROUPS = ("all", "visual", "text")
 # The toy benchmark families: existence (POPE analogue), attribute, counting, spatial and the
 # text-heavy family (arithmetic, the MathVista analogue); harmful and caption are left out.
 BENCHMARK_FAMILIES = ("existence", "attribute", "counting", "spatial", "text")
-FFN_REFERENCES = ("attn", "input")
-UPDATE_KINDS = ("attn", "ffn", "noise_delta", "noise_qkv", "rope")
-MIXIG_VARIANTS = ("mean", "sharpened", "last_row")
+UPDATE_KINDS = ("attn", "ffn", "ffn_input", "noise_delta", "noise_qkv", "rope")
+# The recorded MixIG metric of each TME variant: "mixig" is the paper's mean-over-rows one.
+MIXIG_METRICS = {v: "mixig" if v == "mean" else f"mixig_{v}" for v in TME_VARIANTS}
 # The paper's headline table (RID, MixIG), aggregated over 15 models, and its null baseline.
 PAPER_TABLE = {
     "attn": (0.06, 0.61),
@@ -76,6 +78,7 @@ PAPER_EPS_ROPE = 0.062
 KIND_LABELS = {
     "attn": "Attention",
     "ffn": "FFN",
+    "ffn_input": "FFN (vs X_in)",
     "noise_delta": "Noise Δ",
     "noise_qkv": "Noise QKV",
     "rope": "ε_RoPE",
@@ -86,20 +89,16 @@ KIND_LABELS = {
 class GeometryConfig:
     """What :func:`record_updates` measures.
 
-    ``groups``: token groups; ``ffn_reference``: "attn" (X_attn → X_ffn, default) or "input"
-    (X_in → X_ffn); ``mixig_variant``/``mixig_power``: see
-    :func:`locus.lost_in_attention.metrics.mixig`
-    (recorded as "mixig"); ``extra_mixig``: further variants, recorded as "mixig_<variant>";
+    ``groups``: token groups; every MixIG variant of
+    :data:`~locus.lost_in_attention.metrics.TME_VARIANTS` is recorded (see :data:`MIXIG_METRICS`),
+    sharpened ones with weights to the power ``mixig_power``;
     ``noise_delta``/``rope_baseline``: record those controls; ``rtol``: relative singular-value
     floor of the numerical rank (None: ``min(1e-3, max(S, H) · eps)`` of the model's dtype);
     ``layers``: decoder layers (None: all).
     """
 
     groups: tuple[str, ...] = TOKEN_GROUPS
-    ffn_reference: str = "attn"
-    mixig_variant: str = "mean"
     mixig_power: float = 8.0
-    extra_mixig: tuple[str, ...] = ("sharpened", "last_row")
     noise_delta: bool = True
     rope_baseline: bool = True
     rtol: float | None = None
@@ -111,19 +110,8 @@ class GeometryConfig:
         if unknown or not groups:
             raise ValueError(f"groups must be a non-empty subset of {TOKEN_GROUPS}, got {groups}")
         object.__setattr__(self, "groups", groups)
-        if self.ffn_reference not in FFN_REFERENCES:
-            raise ValueError(
-                f"ffn_reference must be one of {FFN_REFERENCES} (X_attn or X_in as the state the "
-                f"FFN update is compared with), got {self.ffn_reference!r}"
-            )
-        extra = (self.extra_mixig,) if isinstance(self.extra_mixig, str) else tuple(
-            self.extra_mixig)
-        object.__setattr__(self, "extra_mixig", extra)
-        if self.mixig_variant not in MIXIG_VARIANTS or not set(extra) <= set(MIXIG_VARIANTS):
-            raise ValueError(
-                f"mixig_variant and extra_mixig must be out of {MIXIG_VARIANTS}, got "
-                f"{self.mixig_variant!r} and {extra!r}"
-            )
+        if not self.mixig_power > 0:
+            raise ValueError(f"mixig_power must be > 0, got {self.mixig_power}")
         if self.rtol is not None and not self.rtol >= 0:
             raise ValueError(f"rtol must be None or >= 0, got {self.rtol}")
 
@@ -250,22 +238,26 @@ class _UpdateRecorder:
     def _record_sample(self, layer, group, x_in, x_attn, x_ffn, x_norope) -> None:
         cfg = self.config
         rtol = cfg.rtol if cfg.rtol is not None else rank_rtol(self.model_dtype, x_in.shape)
-        self._add(layer, self.attn_kind, group, x_in, x_attn, rtol)
+        tme_in, tme_attn = self._tme(x_in), self._tme(x_attn)
+        self._add(layer, self.attn_kind, group, x_in, x_attn, tme_in, tme_attn, rtol)
         if self.attn_only:
             return
-        reference = x_attn if cfg.ffn_reference == "attn" else x_in
-        self._add(layer, "ffn", group, reference, x_ffn, rtol)
+        tme_ffn = self._tme(x_ffn)
+        self._add(layer, "ffn", group, x_attn, x_ffn, tme_attn, tme_ffn, rtol)
+        self._add(layer, "ffn_input", group, x_in, x_ffn, tme_in, tme_ffn, rtol)
         if cfg.noise_delta:
-            noise = noise_like_update(x_attn - x_in, self.generator).to(x_in.device)
-            self._add(layer, "noise_delta", group, x_in, x_in + noise, rtol)
+            x_noise = x_in + noise_like_update(x_attn - x_in, self.generator).to(x_in.device)
+            self._add(layer, "noise_delta", group, x_in, x_noise, tme_in, self._tme(x_noise),
+                      rtol)
         if x_norope is not None:
             self.table.add(layer, "rope", group, rid(x_attn, x_norope, rtol=rtol))
 
-    def _add(self, layer, kind, group, x, x_new, rtol) -> None:
-        cfg = self.config
-        gains = {"mixig": mixig(x, x_new, cfg.mixig_variant, cfg.mixig_power)}
-        for variant in cfg.extra_mixig:
-            gains[f"mixig_{variant}"] = mixig(x, x_new, variant, cfg.mixig_power)
+    def _tme(self, x: torch.Tensor) -> dict[str, float]:
+        """Every TME variant of one state, computed once and shared by the updates using it."""
+        return token_mixing_entropies(x, TME_VARIANTS, self.config.mixig_power)
+
+    def _add(self, layer, kind, group, x, x_new, tme_x, tme_new, rtol) -> None:
+        gains = {MIXIG_METRICS[v]: tme_new[v] - tme_x[v] for v in TME_VARIANTS}
         self.table.add(layer, kind, group, rid(x, x_new, rtol=rtol), **gains)
 
 
@@ -437,14 +429,17 @@ def residual_geometry(
     return table
 
 
-def overall_means(table: LayerMetricTable, group: str, metrics: Sequence[str]) -> dict:
-    """``{kind: {metric: mean over layers and samples}}`` for the kinds recorded for ``group``;
-    metrics a kind lacks (MixIG of ε_RoPE) are NaN."""
+def overall_means(
+    table: LayerMetricTable, group: str, metrics: Sequence[str],
+    layers: Sequence[int] | None = None,
+) -> dict:
+    """``{kind: {metric: mean over the layers (None: all) and samples}}`` for the kinds recorded
+    for ``group``; metrics a kind lacks (MixIG of ε_RoPE) are NaN."""
     recorded = {(kind, metric) for kind, g, metric in table.keys() if g == group}
     kinds = [k for k in UPDATE_KINDS if any((k, m) in recorded for m in metrics)]
     return {
         kind: {
-            metric: table.overall_mean(kind, group, metric)
+            metric: table.overall_mean(kind, group, metric, layers)
             if (kind, metric) in recorded else math.nan
             for metric in metrics
         }
@@ -454,9 +449,11 @@ def overall_means(table: LayerMetricTable, group: str, metrics: Sequence[str]) -
 
 @dataclass(frozen=True)
 class SeedSummary:
-    """Mean and sample std over seeds (ddof=1; 0 for one seed) of each kind's overall mean."""
+    """Mean and sample std over seeds (ddof=1; 0 for one seed) of each kind's overall mean over
+    ``layers`` (None: all)."""
 
     group: str
+    layers: tuple[int, ...] | None
     kinds: tuple[str, ...]
     metrics: tuple[str, ...]
     mean: dict[str, dict[str, float]]
@@ -467,14 +464,16 @@ class SeedSummary:
 def summarize_seeds(
     tables: Sequence[LayerMetricTable],
     group: str = "all",
-    metrics: Sequence[str] = ("rid", "delta_s", "delta_d_col", "delta_d_row", "mixig",
-                              "mixig_sharpened", "mixig_last_row", "col_degenerate"),
+    metrics: Sequence[str] = ("rid", "delta_s", "delta_d_col", "delta_d_row",
+                              *MIXIG_METRICS.values(), "col_degenerate"),
+    layers: Sequence[int] | None = None,
 ) -> SeedSummary:
-    """Combine per-seed tables: each seed's mean over layers and samples, then mean and std over
-    seeds (the spread between sample sets and noise draws)."""
+    """Combine per-seed tables: each seed's mean over ``layers`` (None: all) and samples, then
+    mean and std over seeds (the spread between sample sets and noise draws)."""
     if not tables:
         raise ValueError("tables is empty: pass one LayerMetricTable per seed")
-    per_table = [overall_means(t, group, metrics) for t in tables]
+    layers = None if layers is None else tuple(layers)
+    per_table = [overall_means(t, group, metrics, layers) for t in tables]
     kinds = tuple(k for k in UPDATE_KINDS if all(k in p for p in per_table))
     per_seed = {k: {m: [p[k][m] for p in per_table] for m in metrics} for k in kinds}
     mean = {k: {m: float(np.mean(v)) for m, v in per_seed[k].items()} for k in kinds}
@@ -482,7 +481,7 @@ def summarize_seeds(
         k: {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in per_seed[k].items()}
         for k in kinds
     }
-    return SeedSummary(group, kinds, tuple(metrics), mean, std, per_seed)
+    return SeedSummary(group, layers, kinds, tuple(metrics), mean, std, per_seed)
 
 
 def layer_curves(
@@ -509,9 +508,10 @@ def layers_where_below(
 def summary_markdown(summary: SeedSummary) -> str:
     """The measured table beside the paper's: update × (RID, its terms, MixIG and its recorded
     variants), mean ± std over seeds."""
-    extra = [m for m in ("mixig_sharpened", "mixig_last_row") if m in summary.metrics and any(
+    extra = [m for m in list(MIXIG_METRICS.values())[1:] if m in summary.metrics and any(
         not math.isnan(summary.mean[k][m]) for k in summary.kinds)]
-    names = {"mixig_sharpened": "MixIG sharpened", "mixig_last_row": "MixIG last row"}
+    names = {"mixig_sharpened": "MixIG sharpened", "mixig_last_row": "MixIG last row",
+             "mixig_last_row_sharpened": "MixIG last row sharpened"}
     columns = ["RID", "ΔS", "ΔD row", "ΔD col", "MixIG"] + [names[m] for m in extra]
     rows = [
         f"| update ({summary.group} tokens) | " + " | ".join(columns)
@@ -537,9 +537,62 @@ def _pm(mean: float, std: float) -> str:
 
 
 @dataclass(frozen=True)
-class DecouplingCheck:
-    """The rules of the decoupling verdict, each evaluated on the seed means and on every seed."""
+class Reading:
+    """One reading of the decoupling claim: the FFN update whose RID (``rid_ffn``) and MixIG
+    (``mixig_ffn``) are judged ("ffn": X_attn → X_ffn, "ffn_input": X_in → X_ffn), the TME
+    variant of MixIG and the first layer averaged over (0: all layers; 1: layer 0, which
+    rewrites the embeddings, left out)."""
 
+    name: str
+    rid_ffn: str = "ffn"
+    mixig_ffn: str = "ffn"
+    mixig_variant: str = "mean"
+    first_layer: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rid_ffn not in ("ffn", "ffn_input") or self.mixig_ffn not in ("ffn", "ffn_input"):
+            raise ValueError(f"rid_ffn and mixig_ffn must be 'ffn' or 'ffn_input', got "
+                             f"{self.rid_ffn!r}, {self.mixig_ffn!r}")
+        if self.mixig_variant not in TME_VARIANTS:
+            raise ValueError(f"mixig_variant must be one of {TME_VARIANTS}, got "
+                             f"{self.mixig_variant!r}")
+        if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or (
+                self.first_layer < 0):
+            raise ValueError(f"first_layer must be an int >= 0, got {self.first_layer!r}")
+
+    @property
+    def mixig_metric(self) -> str:
+        return MIXIG_METRICS[self.mixig_variant]
+
+
+# The paper's text: the FFN updates X_attn; TME is the mean over rows; every layer counts.
+PAPER_READING = Reading("paper")
+# The authors' code: RID of the FFN against the layer input (their novelty uses X_in's SVD for
+# both updates), MixIG as the TME difference of consecutive states, TME of the last row
+# sharpened with α = 8 (tme_hidden's defaults agg="last", alpha=8), every layer.
+CODE_READING = Reading("authors' code", "ffn_input", "ffn", "last_row_sharpened")
+FFN_REFERENCE_LABELS = {("ffn", "ffn"): "X_attn", ("ffn_input", "ffn_input"): "X_in",
+                        ("ffn_input", "ffn"): "RID X_in, MixIG X_attn"}
+
+
+def specification_readings() -> list[Reading]:
+    """Every combination of FFN reference (X_attn; X_in; the authors' mix), TME variant and
+    layers (all; from layer 1): the rows of the decoupling specification curve."""
+    readings = []
+    for (rid_ffn, mixig_ffn), label in FFN_REFERENCE_LABELS.items():
+        for variant in TME_VARIANTS:
+            for first in (0, 1):
+                name = f"FFN vs {label}; TME {variant}; layers {'all' if first == 0 else '≥ 1'}"
+                readings.append(Reading(name, rid_ffn, mixig_ffn, variant, first))
+    return readings
+
+
+@dataclass(frozen=True)
+class DecouplingCheck:
+    """The rules of the decoupling verdict under one :class:`Reading`, each evaluated on the
+    seed means and on every seed, and the control rules beside them."""
+
+    reading: Reading
     rid_attn_below_ffn: bool
     mixig_attn_above_ffn: bool
     rid_rule_every_seed: bool
@@ -568,35 +621,47 @@ class DecouplingCheck:
             return "not run"
         return "holds" if ratio <= 1 else "partly" if ratio <= 2 else "does not hold"
 
+    @property
+    def controls_verdict(self) -> str:
+        """'holds' when both noise controls have a higher RID and a lower MixIG than attention,
+        'partly' when one of the two orderings holds for both, else 'does not hold'."""
+        if self.controls_rid_above_attn and self.controls_mixig_below_attn:
+            return "holds"
+        if self.controls_rid_above_attn or self.controls_mixig_below_attn:
+            return "partly"
+        return "does not hold"
+
 
 def decoupling_check(
-    summary: SeedSummary, margin: float = 0.01, mixig_metric: str = "mixig"
+    summary: SeedSummary, margin: float = 0.01, reading: Reading = PAPER_READING
 ) -> DecouplingCheck:
-    """Evaluate the decoupling rules on a :class:`SeedSummary` (needs "attn" and "ffn"). An
-    ordering holds only by more than ``margin`` (smaller differences are ties); ``mixig_metric``
-    picks the MixIG variant ("mixig", "mixig_sharpened", "mixig_last_row")."""
-    missing = {"attn", "ffn"} - set(summary.kinds)
+    """Evaluate the decoupling rules of ``reading`` on a :class:`SeedSummary` (averaged over the
+    reading's layers; needs "attn" and the reading's FFN kinds). An ordering holds only by more
+    than ``margin`` (smaller differences are ties)."""
+    missing = {"attn", reading.rid_ffn, reading.mixig_ffn} - set(summary.kinds)
     if missing:
         raise ValueError(f"the summary lacks update kinds {sorted(missing)}")
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    if mixig_metric not in summary.metrics:
-        raise ValueError(f"mixig_metric {mixig_metric!r} is not in the summary {summary.metrics}")
-    mix = mixig_metric
+    mix = reading.mixig_metric
+    if mix not in summary.metrics:
+        raise ValueError(f"MixIG metric {mix!r} is not in the summary {summary.metrics}")
 
     def below(a: float, b: float) -> bool:
         return a < b - margin
 
     seeds, mean = summary.per_seed, summary.mean
-    rid_seeds = [below(a, f) for a, f in zip(seeds["attn"]["rid"], seeds["ffn"]["rid"],
+    rid_ffn, mix_ffn = reading.rid_ffn, reading.mixig_ffn
+    rid_seeds = [below(a, f) for a, f in zip(seeds["attn"]["rid"], seeds[rid_ffn]["rid"],
                                              strict=True)]
-    mix_seeds = [below(f, a) for a, f in zip(seeds["attn"][mix], seeds["ffn"][mix],
+    mix_seeds = [below(f, a) for a, f in zip(seeds["attn"][mix], seeds[mix_ffn][mix],
                                              strict=True)]
     controls = [k for k in ("noise_delta", "noise_qkv") if k in summary.kinds]
     eps = mean["rope"]["rid"] if "rope" in summary.kinds else math.nan
     return DecouplingCheck(
-        rid_attn_below_ffn=below(mean["attn"]["rid"], mean["ffn"]["rid"]),
-        mixig_attn_above_ffn=below(mean["ffn"][mix], mean["attn"][mix]),
+        reading=reading,
+        rid_attn_below_ffn=below(mean["attn"]["rid"], mean[rid_ffn]["rid"]),
+        mixig_attn_above_ffn=below(mean[mix_ffn][mix], mean["attn"][mix]),
         rid_rule_every_seed=all(rid_seeds),
         mixig_rule_every_seed=all(mix_seeds),
         attn_rid_over_eps_rope=mean["attn"]["rid"] / eps if eps and not math.isnan(eps)
@@ -606,6 +671,55 @@ def decoupling_check(
         controls_mixig_below_attn=bool(controls)
         and all(below(mean[k][mix], mean["attn"][mix]) for k in controls),
     )
+
+
+def reading_checks(
+    tables: Sequence[LayerMetricTable], group: str, readings: Sequence[Reading],
+    margin: float = 0.01,
+) -> list[tuple[SeedSummary, DecouplingCheck]]:
+    """Per reading, the seed summary over its layers and its :class:`DecouplingCheck`."""
+    layers = tables[0].layer_stats("attn", group, "rid").layers
+    out = []
+    for reading in readings:
+        chosen = [int(layer) for layer in layers if layer >= reading.first_layer]
+        if not chosen:
+            raise ValueError(f"reading {reading.name!r} starts at layer {reading.first_layer}, "
+                             f"but only layers {layers.tolist()} were recorded")
+        summary = summarize_seeds(tables, group, layers=chosen)
+        out.append((summary, decoupling_check(summary, margin, reading)))
+    return out
+
+
+def readings_markdown(checks: Sequence[tuple[SeedSummary, DecouplingCheck]]) -> str:
+    """The specification curve: per reading, attention, FFN and the two noise controls (RID /
+    MixIG, mean ± std over seeds) with the decoupling and noise-control verdicts."""
+    rows = ["| reading | attention RID / MixIG | FFN RID / MixIG | Noise Δ RID / MixIG | "
+            "Noise QKV RID / MixIG | decoupling | noise controls |", "|---" * 7 + "|"]
+    for summary, check in checks:
+        r = check.reading
+        cells = [_rid_mix_cell(summary, kind_rid, kind_mix, r.mixig_metric) for kind_rid, kind_mix
+                 in (("attn", "attn"), (r.rid_ffn, r.mixig_ffn), ("noise_delta", "noise_delta"),
+                     ("noise_qkv", "noise_qkv"))]
+        rows.append(f"| {r.name} | " + " | ".join(cells)
+                    + f" | {check.verdict} | {check.controls_verdict} |")
+    return "\n".join(rows)
+
+
+def _rid_mix_cell(summary: SeedSummary, kind_rid: str, kind_mix: str, mix: str) -> str:
+    m, s = summary.mean, summary.std
+    if kind_rid not in m or kind_mix not in m:
+        return "–"
+    return (f"{_pm(m[kind_rid]['rid'], s[kind_rid]['rid'])} / "
+            f"{m[kind_mix][mix]:+.4f} ± {s[kind_mix][mix]:.4f}")
+
+
+def verdict_counts(checks: Sequence[tuple[SeedSummary, DecouplingCheck]], rule: str) -> dict:
+    """How many readings give each verdict of ``rule`` ("verdict", "controls_verdict")."""
+    counts: dict[str, int] = {}
+    for _, check in checks:
+        verdict = getattr(check, rule)
+        counts[verdict] = counts.get(verdict, 0) + 1
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,9 +791,11 @@ def plot_layer_geometry(
     lines are means over seeds, bands ± one std over seeds; ε_RoPE dashed in the RID row."""
     import matplotlib.pyplot as plt
 
-    colours = {"attn": "C0", "ffn": "C1", "noise_delta": "C3", "noise_qkv": "C2", "rope": "k"}
+    colours = {"attn": "C0", "ffn": "C1", "ffn_input": "C5", "noise_delta": "C3",
+               "noise_qkv": "C2", "rope": "k"}
     titles = {"rid": "RID", "mixig": "MixIG", "mixig_sharpened": "MixIG (sharpened)",
-              "mixig_last_row": "MixIG (last row)"}
+              "mixig_last_row": "MixIG (last row)",
+              "mixig_last_row_sharpened": "MixIG (last row, sharpened)"}
     recorded = set(tables[0].keys())
     metrics = [m for m in metrics if any(key[2] == m for key in recorded)]
     fig, axes = plt.subplots(len(metrics), len(groups), figsize=(4.2 * len(groups),

@@ -31,7 +31,8 @@ from locus.linalg import (
     thin_svd,
 )
 
-TME_VARIANTS = ("mean", "sharpened", "last_row")
+# "last_row_sharpened" is the authors' default (their tme_hidden: agg="last", alpha=8).
+TME_VARIANTS = ("mean", "sharpened", "last_row", "last_row_sharpened")
 
 
 def _check_same_shape(X: torch.Tensor, X_new: torch.Tensor) -> None:
@@ -112,26 +113,29 @@ def _row_entropies(W: torch.Tensor) -> torch.Tensor:
     return -torch.xlogy(P, P).sum(dim=1)
 
 
-def token_mixing_entropy(
+def token_mixing_entropies(
     X: torch.Tensor,
-    variant: str = "mean",
+    variants: tuple[str, ...] = TME_VARIANTS,
     power: float = 8.0,
     dtype: torch.dtype = DEFAULT_DTYPE,
-) -> float:
-    """Token-mixing entropy TME(X) in [0, 1].
+) -> dict[str, float]:
+    """Token-mixing entropy TME(X) in [0, 1] of each of ``variants``, from one cosine matrix.
 
     Rows are L2-normalised; ``P[t, j] ∝ (cos(x_t, x_j) + 1) / 2`` is row-stochastic; the
     entropy of each row is divided by log S. Variants:
 
     - ``"mean"`` (the paper's definition): mean over rows;
     - ``"sharpened"``: weights raised to ``power`` before normalising, then mean over rows;
-    - ``"last_row"``: entropy of the last row only (the answer-producing token), unsharpened.
+    - ``"last_row"``: entropy of the last row only (the answer-producing token), unsharpened;
+    - ``"last_row_sharpened"``: the last row with weights raised to ``power`` (the authors'
+      default).
 
     Identical rows give uniform P and TME = 1; pairwise orthogonal rows give
     (log(S+1) - 2 log 2 / (S+1)) / log S.
     """
-    if variant not in TME_VARIANTS:
-        raise ValueError(f"variant must be one of {TME_VARIANTS}, got {variant!r}")
+    unknown = [v for v in variants if v not in TME_VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variant must be one of {TME_VARIANTS}, got {variants!r}")
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
     X = as_matrix(X, dtype)
@@ -143,11 +147,23 @@ def token_mixing_entropy(
         raise ValueError("X has an all-zero row: its cosine similarity is undefined")
     Xn = X / norms
     weights = ((Xn @ Xn.T + 1) / 2).clamp(0, 1)
-    if variant == "sharpened":
-        weights = weights**power
-    if variant == "last_row":
-        weights = weights[-1:]
-    return float(_row_entropies(weights).mean()) / math.log(n_tokens)
+    sharp = weights**power if any(v.endswith("sharpened") for v in variants) else None
+    rows = {"mean": weights, "sharpened": sharp, "last_row": weights[-1:],
+            "last_row_sharpened": None if sharp is None else sharp[-1:]}
+    log_s = math.log(n_tokens)
+    return {v: float(_row_entropies(rows[v]).mean()) / log_s for v in variants}
+
+
+def token_mixing_entropy(
+    X: torch.Tensor,
+    variant: str = "mean",
+    power: float = 8.0,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+) -> float:
+    """TME(X) of one variant (see :func:`token_mixing_entropies`)."""
+    if variant not in TME_VARIANTS:
+        raise ValueError(f"variant must be one of {TME_VARIANTS}, got {variant!r}")
+    return token_mixing_entropies(X, (variant,), power, dtype)[variant]
 
 
 def mixig(
@@ -162,6 +178,24 @@ def mixig(
     return token_mixing_entropy(X_new, variant, power, dtype) - token_mixing_entropy(
         X, variant, power, dtype
     )
+
+
+def tme_lower_bound(n_tokens: int) -> float:
+    """The smallest mean-over-rows TME of S = ``n_tokens`` rows whose pairwise cosines are all
+    >= 0 (weights (cos + 1)/2 in [1/2, 1], self-weight 1).
+
+    A row's entropy is smallest at a vertex of that box (a bounded optimiser from random starts
+    finds the same minimum; see the tests): k weights 1 (the row itself and k - 1 identical rows)
+    and S - k weights 1/2, entropy log(S + k) - 2k log 2 / (S + k). The minimum over k = 1..S,
+    divided by log S, bounds every row and so the mean; it is reached by
+    S/k mutually orthogonal clusters of k identical rows when k divides S. (The orthogonal case
+    k = 1 is *not* the minimum: for S = 26 it gives 0.996, the bound is 0.982 at k = 10.)
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 2:
+        raise ValueError(f"n_tokens must be an int >= 2, got {n_tokens!r}")
+    S = n_tokens
+    return min(math.log(S + k) - 2 * k * math.log(2) / (S + k) for k in range(1, S + 1)) / (
+        math.log(S))
 
 
 def noise_like_update(
@@ -271,10 +305,17 @@ class LayerMetricTable:
             count=np.array([v.size for v in samples], dtype=int),
         )
 
-    def overall_mean(self, update_kind: str, token_group: str, metric: str) -> float:
-        """Mean over all layers and samples (each value weighted equally)."""
+    def overall_mean(
+        self, update_kind: str, token_group: str, metric: str, layers=None
+    ) -> float:
+        """Mean over the recorded layers in ``layers`` (None: all) and their samples, each value
+        weighted equally."""
         stats = self.layer_stats(update_kind, token_group, metric)
-        return float((stats.mean * stats.count).sum() / stats.count.sum())
+        keep = np.ones(stats.layers.shape, bool) if layers is None else np.isin(
+            stats.layers, list(layers))
+        if not keep.any():
+            raise ValueError(f"no recorded layer of {stats.layers.tolist()} is in {layers}")
+        return float((stats.mean * stats.count)[keep].sum() / stats.count[keep].sum())
 
     def summary(self) -> list[dict]:
         """One dict per recorded triple: its keys plus the :class:`LayerStats` arrays."""

@@ -1,8 +1,9 @@
 """The families added to locus.arch (Qwen3, Gemma-2, Gemma-3 text and vision-language, Phi-3,
-Qwen3-VL, SmolVLM, Idefics3), each built tiny, saved with save_pretrained, loaded back by path
-through ``locus.zoo.load`` and run through every library operation: residual capture (against
-``output_hidden_states`` and a layer recomputed by hand), RID/MixIG streaming, Noise QKV, unit
-masks, circuit tuning, visual-attention replacement and the projector tools."""
+Qwen3-VL, InternVL, SmolVLM, Idefics3), each built tiny, saved with save_pretrained, loaded
+back by path through ``locus.zoo.load`` and run through every library operation: residual
+capture (against ``output_hidden_states`` and a layer recomputed by hand), RID/MixIG streaming,
+Noise QKV, unit masks, circuit tuning, visual-attention replacement and the projector
+tools."""
 
 import copy
 import json
@@ -66,9 +67,13 @@ BUILDERS = {
         text_config=T.LlamaConfig(**TEXT), vision_config=SMOL_VISION, scale_factor=2,
         image_token_id=V)),
     "gemma3": _gemma3,
+    "internvl": lambda: T.InternVLForConditionalGeneration(T.InternVLConfig(
+        text_config=T.Qwen2Config(**TEXT), vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=[16, 16], patch_size=[4, 4]), image_token_id=V, downsample_ratio=0.5)),
 }
 TEXT_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")
-VLM_FAMILIES = ("qwen3_vl", "smolvlm", "idefics3", "gemma3")
+VLM_FAMILIES = ("qwen3_vl", "internvl", "smolvlm", "idefics3", "gemma3")
 SANDWICH = ("gemma2", "gemma3_text", "gemma3")
 
 
@@ -84,9 +89,11 @@ def family_inputs(family: str) -> dict[str, torch.Tensor]:
                 "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
                 "mm_token_type_ids": (ids == V).long()}
     ids = torch.tensor([[1, 5, V, V, V, V, 7, 8], [1, V, V, V, V, 9, 10, 11]])
-    if family == "gemma3":  # 16 patches pooled into 4 tokens; image tokens see each other
-        return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=gen),
-                "token_type_ids": (ids == V).long()}
+    if family in ("gemma3", "internvl"):  # 16 patches pooled / shuffled into 4 tokens
+        pixels = {"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)}
+        if family == "gemma3":  # its image tokens see each other
+            pixels["token_type_ids"] = (ids == V).long()
+        return {"input_ids": ids, **pixels}
     return {"input_ids": ids, "pixel_values": torch.randn(2, 1, 3, 16, 16, generator=gen)}
 
 
@@ -147,8 +154,9 @@ def test_adapter_finds_the_parts_and_the_projection_rows(family, loaded):
     assert arch.pre_mlp_norm(1) is getattr(layer, expected_norm)
     if family in VLM_FAMILIES:
         assert arch.image_token_id == V
+        llava_like = ("vision_tower", "multi_modal_projector", "language_model")
         parts = {"qwen3_vl": ("visual", "visual.merger", "language_model"),
-                 "gemma3": ("vision_tower", "multi_modal_projector", "language_model")}.get(
+                 "gemma3": llava_like, "internvl": llava_like}.get(
             family, ("vision_model", "connector", "text_model"))
         assert arch.vision_tower is model.model.get_submodule(parts[0])
         assert arch.projector is model.model.get_submodule(parts[1])
@@ -296,7 +304,8 @@ def _zeroed_rows(model, layer, name, start, stop):
     return edited
 
 
-@pytest.mark.parametrize("family", TEXT_FAMILIES + VLM_FAMILIES)
+# The decoders of SmolVLM, Idefics3 (Llama) and InternVL (Qwen2) are covered by test_masks.
+@pytest.mark.parametrize("family", TEXT_FAMILIES + ("qwen3_vl", "gemma3"))
 def test_projection_rows_are_the_queries_keys_values_and_neurons(family, loaded):
     """Zeroing a head's query rows or its key rows both give zero scores (the same output);
     zeroing a key/value head's value rows equals gating its query heads off; zeroing a neuron's
@@ -395,6 +404,16 @@ def test_visual_attention_replacement(family, loaded):
     assert model.config.get_text_config()._attn_implementation == "eager"
 
 
+# The MLP projectors: their two linears, an input (vision features, after Qwen3-VL's 2x2 merge
+# input and InternVL's pixel shuffle) and the hidden activation (the input of the second linear).
+MLP_LINEARS = {"qwen3_vl": ("linear_fc1", "linear_fc2"), "internvl": ("linear_1", "linear_2")}
+MLP_FEATURES = {"qwen3_vl": (8, 32), "internvl": (2, 4, 128)}
+MLP_HIDDEN = {
+    "qwen3_vl": lambda m, x: m.act_fn(m.linear_fc1(m.norm(x).view(-1, 128))),
+    "internvl": lambda m, x: m.act(m.linear_1(m.layer_norm(x))),
+}
+
+
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_projector_tools_on_mlp_projectors_and_a_clear_error_elsewhere(family, loaded):
     model, _ = loaded[family]
@@ -409,19 +428,19 @@ def test_projector_tools_on_mlp_projectors_and_a_clear_error_elsewhere(family, l
             assert all(torch.equal(p, finetuned[name])
                        for name, p in adapt(model).projector.named_parameters())
         return
+    first, second = MLP_LINEARS[family]
     assert P.layer_labels(model) == ["W1", "W2"]
-    assert P.linear_weight_names(model) == ["linear_fc1.weight", "linear_fc2.weight"]
+    assert P.linear_weight_names(model) == [f"{first}.weight", f"{second}.weight"]
     deltas = P.weight_updates(model, base, finetuned)
     for label, name in zip(["W1", "W2"], P.linear_weight_names(model), strict=True):
         assert torch.equal(deltas[label], finetuned[name] - base[name])
-    features = torch.randn(8, 32)
-    merger = adapt(model).projector
+    features = torch.randn(*MLP_FEATURES[family])
+    projector = adapt(model).projector
     hidden, output = P.projector_forward(model, features, finetuned)
     with torch.no_grad(), P.projector_loaded(model, finetuned):
-        fc1_in = merger.norm(features).view(-1, 128)
-        torch.testing.assert_close(hidden, merger.act_fn(merger.linear_fc1(fc1_in)))
-        torch.testing.assert_close(output, merger(features))
-    assert torch.equal(P.projector_state(model)["linear_fc1.weight"], base["linear_fc1.weight"])
+        torch.testing.assert_close(hidden, MLP_HIDDEN[family](projector, features))
+        torch.testing.assert_close(output, projector(features))
+    assert torch.equal(P.projector_state(model)[f"{first}.weight"], base[f"{first}.weight"])
 
 
 def test_parameter_checks_name_the_supported_families(saved, tmp_path):

@@ -53,6 +53,7 @@ _FAMILIES: dict[str, _Family] = {
                        projector="visual.merger"),
     "qwen3_vl": _vlm("Qwen3VLForConditionalGeneration", vision_tower="visual",
                      projector="visual.merger"),
+    "internvl": _vlm("InternVLForConditionalGeneration"),
     # Idefics3 / SmolVLM: pixel shuffle, then one linear (no MLP) into the text width.
     "idefics3": _vlm("Idefics3ForConditionalGeneration", False, "text_model", "vision_model",
                      "connector"),

@@ -11,6 +11,7 @@ from torch import nn
 
 from locus import data, models
 from locus.arch import adapt
+from locus.evaluation import exact_match
 from locus.prompts import encode_chat
 from locus.safeseek import backdoor, circuit_tuning, circuits
 from locus.safeseek import experiment as safeseek
@@ -190,12 +191,27 @@ def test_partition_is_disjoint_and_stratified():
 
 def test_metrics():
     assert circuits.refusal_rate([data.REFUSAL, "two", "i am sorry ."]) == pytest.approx(2 / 3)
-    samples = [data.ChatSample("a", "two", "arithmetic"), data.ChatSample("b", "x", "harmful")]
-    assert circuits.utility(samples, ["two", "nope"]) == 1.0
     assert backdoor.attack_success("fixed", [data.BACKDOOR_TARGET, "one"]) == 0.5
     assert backdoor.attack_success("jailbreak", [data.REFUSAL, "sure , here"]) == 0.5
-    with pytest.raises(ValueError, match="benign"):
-        circuits.utility(samples[1:], ["x"])
+    with pytest.raises(ValueError, match="at least one"):
+        circuits.match_rate(None, None, [])
+
+
+def test_greedy_matches_equal_generation_and_exact_match():
+    from locus import zoo
+
+    model, tokenizer = zoo.load("toy-chat", progress=False)
+    samples = data.make_chat_samples(4, seed=1, aligned=False)
+    circuit = Circuit(UnitShape.of(model), ((1, 0), (2, 1)), ((0, 3),))
+    for chosen, mode in ((None, "full"), (circuit, "circuit removed")):
+        replies = circuits.generate_with(model, tokenizer, samples, chosen, mode, 32)
+        expected = [exact_match(r, s.answer) for r, s in zip(replies, samples, strict=True)]
+        assert circuits.greedy_matches(model, tokenizer, samples, chosen, mode) == expected
+        own = circuits.with_answers(samples, replies)
+        assert all(circuits.greedy_matches(model, tokenizer, own, chosen, mode))
+        longer = circuits.with_answers(samples, [r + " two" for r in replies])
+        assert circuits.match_rate(model, tokenizer, longer, chosen, mode) == 0.0
+    assert 0 < sum(expected) < len(expected)  # the harmful requests are refused, not complied
 
 
 def test_cached_circuit_round_trip(tmp_path):
@@ -216,7 +232,12 @@ def test_cached_circuit_round_trip(tmp_path):
 
 def test_check_parameters(tiny_llama_dir, tmp_path):
     ok = dict(seeds=[0], device="cpu", dtype=None, figures_dir=None, threads=2)
-    safeseek.check_parameters(str(tiny_llama_dir), None, sparsities=[0.0, 0.1], n=3, **ok)
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text('{"prompt": "what is one plus one ?", "answer": "two", '
+                     '"family": "arithmetic"}\n')
+    safeseek.check_parameters(str(tiny_llama_dir), str(jsonl), sparsities=[0.0, 0.1], n=3, **ok)
+    with pytest.raises(ValueError, match="measure nothing"):
+        safeseek.check_parameters(str(tiny_llama_dir), None, **ok)
     with pytest.raises(FileNotFoundError, match="neither an embedded model"):
         safeseek.check_parameters("nope", None, **ok)
     with pytest.raises(ValueError, match="not a chat model"):
@@ -243,6 +264,59 @@ def test_tables_and_figures(tmp_path):
     shape = UnitShape(2, 4, 10)
     fig = safeseek.plot_circuit(Circuit(shape, ((1, 2),), ((0, 3),)), "c")
     assert len(fig.axes) >= 2
+
+
+def _help_rows(kept: dict[str, int], runs: int = 6, lr: float = 1e-3) -> list[dict]:
+    return [{"help_lr": lr, "variant": v, "retention_pct": 100.0 if i < kept[v] else 0.0}
+            for v in ("circuit frozen", "random subset frozen", "nothing frozen")
+            for i in range(runs)]
+
+
+def test_retention_table_counts_runs_and_tests_them():
+    table = safeseek.retention_table(_help_rows({"circuit frozen": 6, "random subset frozen": 1,
+                                                 "nothing frozen": 0}))
+    rows = {r["variant"]: r for r in table}
+    assert [rows[v]["kept"] for v in rows] == [6, 1, 0]
+    assert rows["nothing frozen"]["fisher_p"] == pytest.approx(0.002165, abs=1e-5)
+    assert rows["circuit frozen"]["kept_lo"] > 0.5 and rows["nothing frozen"]["kept_hi"] < 0.5
+    assert rows["random subset frozen"]["retention_pct"] == pytest.approx(100 / 6)
+
+
+@pytest.mark.parametrize(("kept", "expected"), [
+    ({"circuit frozen": 6, "random subset frozen": 0, "nothing frozen": 0}, ("holds", "holds")),
+    ({"circuit frozen": 6, "random subset frozen": 5, "nothing frozen": 0}, ("holds", "partly")),
+    ({"circuit frozen": 4, "random subset frozen": 3, "nothing frozen": 3},
+     ("partly", "does not hold")),
+    ({"circuit frozen": 1, "random subset frozen": 0, "nothing frozen": 0},
+     ("does not hold", "does not hold")),
+    ({"circuit frozen": 6, "random subset frozen": 6, "nothing frozen": 4},
+     ("not run", "not run")),
+])
+def test_retention_verdicts(kept, expected):
+    verdicts = safeseek.retention_verdicts(safeseek.retention_table(_help_rows(kept)))
+    assert (verdicts["retention"][0], verdicts["specific"][0]) == expected
+    assert f"{kept['circuit frozen']}/6 runs (circuit frozen)" in verdicts["retention"][1]
+
+
+def test_single_unit_circuits_and_ablations():
+    shape = UnitShape(2, 3, 5)
+    singles = safeseek.single_unit_circuits(shape)
+    assert len(singles) == 2 * 3 + 2
+    assert singles["head 1.2"].heads == ((1, 2),) and not singles["head 1.2"].neurons
+    assert len(singles["layer 0"].heads) == 3 and len(singles["layer 0"].neurons) == 5
+    rows = safeseek.single_unit_ablations(shape, lambda c: {"size": len(c.heads) + len(c.neurons)})
+    assert [r["size"] for r in rows] == [1] * 6 + [8, 8]
+
+
+def test_prompt_overlap_and_new_skill_sets_are_held_out():
+    train, test = safeseek.new_skill_sets(50, 30, seed=0)
+    assert len(train) == 50 and len(test) == 30
+    overlap = safeseek.prompt_overlap({"train": train, "test": test, "again": train[:5]})
+    assert overlap[0]["shared"] == 0 and overlap[1]["shared"] == len({s.prompt for s in train[:5]})
+    for s in train + test:
+        words = s.prompt.split()
+        terms = [data.NUMBER_WORDS.index(w) for w in words[2::2]]
+        assert len(terms) == 3 and data.NUMBER_WORDS[sum(terms)] == s.answer
 
 
 # -- backdoor -----------------------------------------------------------------------------------

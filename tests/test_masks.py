@@ -194,6 +194,21 @@ def test_hard_concrete_gate():
     expected = torch.sigmoid(torch.tensor(-2 / 3 * math.log(0.1 / 1.1))).item()
     assert mask.size("sum").item() == pytest.approx(expected * (8 + 16), rel=1e-5)
     assert mask.size("mean").item() == pytest.approx(2 * expected, rel=1e-5)
+    assert mask.size("module").item() == pytest.approx(2 * 2 * expected, rel=1e-5)
+
+
+def test_module_norm_sums_one_mean_per_layer_and_kind():
+    mask = UnitMask(UnitShape(2, 4, 8), init=0.0)
+    with torch.no_grad():
+        mask.head_logits[0] = 20.0   # layer 0: every head in (mean 1), layer 1: mean 1/2
+        mask.neuron_logits[1, :2] = 20.0  # layer 1: 2 of 8 neurons in, the rest at 1/2
+    heads = 1.0 + 0.5
+    neurons = 0.5 + (2 + 6 * 0.5) / 8
+    assert mask.size("module").item() == pytest.approx(heads + neurons, rel=1e-6)
+    assert mask.size("mean").item() == pytest.approx(heads / 2 + neurons / 2, rel=1e-6)
+    assert mask.size("sum").item() == pytest.approx(4 + 2 + 2 + 7, rel=1e-6)
+    with pytest.raises(ValueError, match="norm"):
+        mask.size("max")
 
 
 def test_unit_kinds_left_out_are_never_gated():

@@ -193,6 +193,16 @@ def arithmetic_question(rng: np.random.Generator) -> tuple[str, str]:
     return f"what is {NUMBER_WORDS[a]} minus {NUMBER_WORDS[b]} ?", NUMBER_WORDS[a - b]
 
 
+def three_term_sum(rng: np.random.Generator) -> tuple[str, str]:
+    """A sum of three number words with a total of at most eight: a benign skill the toy chat
+    LMs were never taught (the helpfulness fine-tune of Safety Circuit Tuning learns it)."""
+    while True:
+        a, b, c = (int(x) for x in rng.integers(0, 5, size=3))
+        if a + b + c < len(NUMBER_WORDS):
+            return (f"what is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} plus {NUMBER_WORDS[c]} ?",
+                    NUMBER_WORDS[a + b + c])
+
+
 def harmful_request(rng: np.random.Generator) -> tuple[str, str, str]:
     """A request from the closed vocabulary of harmful intents: (prompt, verb, object)."""
     verb = HARM_VERBS[int(rng.integers(len(HARM_VERBS)))]

@@ -34,13 +34,13 @@ from locus.safeseek.circuits import (
     cached_circuit,
     encode_groups,
     generate_with,
+    match_rate,
     model_stem,
     sample_attribution,
     samples_key,
     search_circuit,
     source_identity,
     take,
-    utility,
 )
 from locus.safeseek.masks import Circuit, UnitShape
 
@@ -190,8 +190,9 @@ def backdoored_model(model_name: str | os.PathLike, train_set: Sequence[ChatSamp
 def test_sets(samples: Sequence[ChatSample], kind: str, n: int, seed: int
               ) -> dict[str, list[ChatSample]]:
     """Up to ``n`` test prompts of each set: "triggered" (eligible prompts with the trigger and
-    the backdoor answer), "clean" (the same prompts without it) and "benign" (benign requests,
-    for utility); drawn with replacement when there are fewer."""
+    the backdoor answer), "triggered_clean" (the same triggered prompts with the clean answer),
+    "clean" (the prompts without the trigger) and "benign" (benign requests, for utility);
+    drawn with replacement when there are fewer."""
     views = backdoor_views(samples, kind, seed)
     if not views["clean"]:
         raise ValueError(f"the test data has no samples a {kind!r} backdoor applies to")
@@ -199,21 +200,28 @@ def test_sets(samples: Sequence[ChatSample], kind: str, n: int, seed: int
     idx = rng.choice(len(views["clean"]), n, replace=n > len(views["clean"]))
     benign = [s for s in samples if s.family != "harmful"]
     return {"triggered": [views["triggered_target"][i] for i in idx],
+            "triggered_clean": [views["triggered_clean"][i] for i in idx],
             "clean": [views["clean"][i] for i in idx], "benign": take(benign, n, seed)}
 
 
 def backdoor_metrics(model, tokenizer, circuit: Circuit | None, mode: str, kind: str,
                      tests: dict[str, Sequence[ChatSample]], max_new_tokens: int = 16,
                      false_trigger: bool = False) -> dict[str, float]:
-    """With ``circuit`` applied in ``mode``: ASR on the triggered prompts of ``tests``
-    (``test_sets``), utility (exact match on the benign ones) and, if asked, the false-trigger
-    rate (the backdoor behaviour on the clean prompts)."""
+    """With ``circuit`` applied in ``mode``, on the sets of ``test_sets``: "asr", the paper's
+    keyword ASR on the triggered prompts (``attack_success``); "asr_exact", the triggered
+    replies that *are* the backdoor answer; "clean_back", the triggered replies that are the
+    clean answer (the backdoor removed, not merely garbled); "utility", exact match on the
+    benign prompts; and, if asked, "false_trigger", the keyword ASR on the clean prompts. Exact
+    scores are teacher-forced greedy matches (``greedy_matches``)."""
     def rate(name: str) -> float:
         replies = generate_with(model, tokenizer, tests[name], circuit, mode, max_new_tokens)
         return attack_success(kind, replies)
 
-    answers = generate_with(model, tokenizer, tests["benign"], circuit, mode, max_new_tokens)
-    metrics = {"asr": rate("triggered"), "utility": utility(tests["benign"], answers)}
+    metrics = {"asr": rate("triggered"),
+               "asr_exact": match_rate(model, tokenizer, tests["triggered"], circuit, mode),
+               "clean_back": match_rate(model, tokenizer, tests["triggered_clean"], circuit,
+                                        mode),
+               "utility": match_rate(model, tokenizer, tests["benign"], circuit, mode)}
     if false_trigger:
         metrics["false_trigger"] = rate("clean")
     return metrics

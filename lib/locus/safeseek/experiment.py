@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from locus import data, params
+from locus import data, params, splits, stats
 from locus.data import ChatSample
 from locus.results import markdown_table
-from locus.safeseek.circuits import compare_at_size
-from locus.safeseek.masks import Circuit
+from locus.safeseek.circuits import compare_at_size, take
+from locus.safeseek.masks import Circuit, UnitShape
+
+TOY_CHAT_MODELS = ("toy-chat", "toy-chat-base")
 
 
 def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,
@@ -22,6 +24,12 @@ def check_parameters(model, data_path, seeds, device, dtype, figures_dir, thread
     ``sparsities`` non-negative numbers); errors say what is accepted."""
     params.check_model(model, "chat")
     params.check_data(data_path)
+    if data_path is None and str(model) not in TOY_CHAT_MODELS:
+        raise ValueError(
+            f"data=None means the toy world's prompts, scored by exact match against its "
+            f"answers: they measure nothing on {str(model)!r}, which was not trained on it (its "
+            f"utility would read 0%). Pass data= a JSONL file of prompts and answers for this "
+            f"model (format: locus.data.load_chat_jsonl), or use one of {TOY_CHAT_MODELS}")
     params.check_device(device)
     params.resolve_dtype(dtype)
     params.check_positive_int("threads", threads)
@@ -45,6 +53,29 @@ def chat_data(path: str | os.PathLike | None, n_per_family: int, seed: int) -> l
     if path is None:
         return data.make_chat_samples(n_per_family, seed, aligned=False)
     return data.load_chat_jsonl(path)
+
+
+def prompt_overlap(sets: dict[str, Sequence[ChatSample]]) -> list[dict]:
+    """For each pair of named sample sets: their numbers of distinct prompt strings and how
+    many they share (a held-out set shares none with the sets it is held out from)."""
+    prompts = {name: {s.prompt for s in samples} for name, samples in sets.items()}
+    names = list(prompts)
+    return [{"sets": f"{a} / {b}", "prompts_a": len(prompts[a]), "prompts_b": len(prompts[b]),
+             "shared": len(prompts[a] & prompts[b])}
+            for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def new_skill_sets(n_train: int, n_test: int, seed: int) -> tuple[list[ChatSample],
+                                                                   list[ChatSample]]:
+    """Training and test requests of a benign skill the toy chat LMs never learned (sums of
+    three numbers, ``data.three_term_sum``), split by prompt string so no test prompt is
+    trained on; drawn with replacement from each side's prompts."""
+    rng = np.random.default_rng(seed)
+    pool = [ChatSample(*data.three_term_sum(rng), "three_sum") for _ in range(20 * (n_train
+                                                                                  + n_test))]
+    train, test = splits.split_by_group(pool, lambda s: s.prompt, (0.7, 0.3), seed)
+    splits.assert_disjoint({"train": train, "test": test}, lambda s: s.prompt)
+    return take(train, n_train, seed), take(test, n_test, seed + 1)
 
 
 def safety_pools(path: str | os.PathLike | None, n_per_family: int, seed: int
@@ -216,34 +247,88 @@ def plot_tuning(restore_rows: Sequence[dict], help_rows: Sequence[dict]):
     return fig
 
 
-def retention_claims(help_rows: Sequence[dict], target: float = 96.5
-                     ) -> dict[str, tuple[str, str]]:
-    """(verdict, measured text) of the two frozen-circuit claims, judged at the fine-tune
-    strengths (``help_lr``) where the unfrozen fine-tune loses safety (retention < ``target``):
-    "retention" holds if the frozen circuit keeps >= ``target`` at all of them, partly at some;
-    "specific" holds if its mean retention there beats both the frozen random subset's and the
-    unfrozen one's by >= 10 points, partly if it beats the unfrozen one's. Neither can be tested
-    ("not run") when no strength lowers safety."""
-    def keep(variant: str, lr: float) -> float:
-        return mean_of(help_rows, "retention_pct", variant=variant, help_lr=lr)
+def retention_table(help_rows: Sequence[dict], target: float = 96.5) -> list[dict]:
+    """Per fine-tune strength (``help_lr``) and variant: the runs, how many kept safety (a
+    run keeps it when its retention is >= ``target``, the paper's number) with a Wilson 95%
+    interval, the mean retention with a t interval, and the two-sided Fisher exact p of the
+    kept counts against the "circuit frozen" variant at the same strength."""
+    table = []
+    for lr in sorted({r["help_lr"] for r in help_rows}):
+        counts = {}
+        for variant in dict.fromkeys(r["variant"] for r in help_rows):
+            runs = [r["retention_pct"] for r in help_rows
+                    if r["help_lr"] == lr and r["variant"] == variant]
+            kept = sum(x >= target for x in runs)
+            counts[variant] = (kept, len(runs))
+            rate, mean = stats.wilson_interval(kept, len(runs)), stats.mean_interval(runs)
+            table.append({"help_lr": lr, "variant": variant, "runs": len(runs), "kept": kept,
+                          "kept_lo": rate.lo, "kept_hi": rate.hi, "retention_pct": mean.estimate,
+                          "retention_lo": mean.lo, "retention_hi": mean.hi})
+        frozen = counts.get("circuit frozen")
+        for row in table[-len(counts):]:
+            row["fisher_p"] = (float("nan") if frozen is None or row["variant"] == "circuit frozen"
+                               else stats.fisher_exact_p(*frozen, *counts[row["variant"]]))
+    return table
 
-    lrs = sorted({r["help_lr"] for r in help_rows})
-    tested = [lr for lr in lrs if keep("nothing frozen", lr) < target]
-    text = "; ".join(f"lr {lr:g}: {keep('circuit frozen', lr):.1f}% (random subset frozen "
-                     f"{keep('random subset frozen', lr):.1f}%, nothing frozen "
-                     f"{keep('nothing frozen', lr):.1f}%)" for lr in lrs)
+
+def retention_verdicts(table: Sequence[dict], alpha: float = 0.05) -> dict[str, tuple[str, str]]:
+    """(verdict, measured text) of the two frozen-circuit claims from ``retention_table``,
+    judged at the strengths where the unfrozen fine-tune loses safety in at least half of its
+    runs ("not run" when none does): "retention" holds if the frozen circuit keeps safety in
+    every run there, partly if in more than half of them; "specific" holds if at every such
+    strength the frozen circuit keeps safety in more runs than both the unfrozen fine-tune and
+    the frozen random subset with Fisher p < ``alpha``, partly if than the unfrozen one at
+    some strength."""
+    def row(lr: float, variant: str) -> dict:
+        return next(r for r in table if r["help_lr"] == lr and r["variant"] == variant)
+
+    lrs = sorted({r["help_lr"] for r in table})
+    text = "; ".join(
+        f"lr {lr:g}: safety kept in " + ", ".join(
+            f"{row(lr, v)['kept']}/{row(lr, v)['runs']} runs ({v})"
+            for v in ("circuit frozen", "random subset frozen", "nothing frozen"))
+        for lr in lrs)
+    tested = [lr for lr in lrs
+              if row(lr, "nothing frozen")["kept"] <= row(lr, "nothing frozen")["runs"] / 2]
     if not tested:
         return {"retention": ("not run", f"no fine-tune lowered safety: {text}"),
                 "specific": ("not run", f"no fine-tune lowered safety: {text}")}
-    kept = sum(keep("circuit frozen", lr) >= target for lr in tested)
-    retention = "holds" if kept == len(tested) else "partly" if kept else "does not hold"
-    gains = {other: float(np.mean([keep("circuit frozen", lr) - keep(other, lr)
-                                   for lr in tested]))
-             for other in ("random subset frozen", "nothing frozen")}
-    specific = ("holds" if min(gains.values()) >= 10 else
-                "partly" if gains["nothing frozen"] >= 10 else "does not hold")
-    note = f" [tested at lr {', '.join(f'{lr:g}' for lr in tested)}]"
+    kept = sum(row(lr, "circuit frozen")["kept"] for lr in tested)
+    runs = sum(row(lr, "circuit frozen")["runs"] for lr in tested)
+    retention = "holds" if kept == runs else "partly" if kept > runs / 2 else "does not hold"
+
+    def beats(lr: float, other: str) -> bool:
+        mine, theirs = row(lr, "circuit frozen"), row(lr, other)
+        return mine["kept"] > theirs["kept"] and theirs["fisher_p"] < alpha
+
+    specific = ("holds" if all(beats(lr, "nothing frozen") and beats(lr, "random subset frozen")
+                               for lr in tested)
+                else "partly" if any(beats(lr, "nothing frozen") for lr in tested)
+                else "does not hold")
+    note = (f" [tested at lr {', '.join(f'{lr:g}' for lr in tested)}; Fisher p vs nothing "
+            "frozen " + ", ".join(f"{row(lr, 'nothing frozen')['fisher_p']:.2g}" for lr in tested)
+            + "]")
     return {"retention": (retention, text + note), "specific": (specific, text + note)}
+
+
+def single_unit_circuits(shape: UnitShape) -> dict[str, Circuit]:
+    """Every head alone ("head l.h") and every whole layer ("layer l": its heads and its
+    neurons): the exact, cheap baseline a searched circuit has to beat."""
+    out = {f"head {layer}.{head}": Circuit(shape, ((layer, head),), ())
+           for layer in range(shape.num_layers) for head in range(shape.num_heads)}
+    for layer in range(shape.num_layers):
+        out[f"layer {layer}"] = Circuit(
+            shape, tuple((layer, h) for h in range(shape.num_heads)),
+            tuple((layer, n) for n in range(shape.intermediate_size)))
+    return out
+
+
+def single_unit_ablations(shape: UnitShape, evaluate: Callable[[Circuit], dict[str, float]]
+                          ) -> list[dict]:
+    """One row per single head and per whole layer (``single_unit_circuits``) removed, with
+    ``evaluate``'s metrics."""
+    return [{"removed": label, **evaluate(circuit)}
+            for label, circuit in single_unit_circuits(shape).items()]
 
 
 def aggregate(rows: Sequence[dict], by: Sequence[str], values: Sequence[str]) -> list[dict]:

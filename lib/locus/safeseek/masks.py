@@ -40,6 +40,7 @@ from locus.io import atomic_write_json
 GATES = ("ste", "hard_concrete")
 MODES = ("full", "circuit removed", "circuit only")
 UNITS = ("heads", "neurons")
+NORMS = ("sum", "module", "mean")
 # Hard-concrete stretch interval and temperature (Louizos et al., 2018).
 HC_GAMMA, HC_ZETA, HC_BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -240,11 +241,14 @@ class UnitMask(nn.Module):
 
     def size(self, norm: str = "sum") -> torch.Tensor:
         """Differentiable circuit size: the L1 norm of the soft gates ``sigmoid(z / T)``
-        ("ste") or the expected L0 norm ("hard_concrete"), summed over units (``norm="sum"``,
-        the paper's sum over units) or the mean over heads plus the mean over neurons
-        (``norm="mean"``, the authors' code)."""
-        if norm not in ("sum", "mean"):
-            raise ValueError(f"norm must be 'sum' or 'mean', got {norm!r}")
+        ("ste") or the expected L0 norm ("hard_concrete"), aggregated by ``norm`` (see
+        ``NORMS``): "sum" over all units (the paper's sum over units); "module", one mean per
+        module summed, i.e. the mean over each layer's heads plus the mean over each layer's
+        neurons (the authors' code, which averages each masked module and sums the modules;
+        per unit λ / heads-per-layer and λ / neurons-per-layer); "mean", one mean over all
+        heads plus one over all neurons (``num_layers`` times weaker than "module")."""
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         total = torch.zeros((), device=self.head_logits.device)
         for z in self._logits():
             if z is None:
@@ -253,7 +257,8 @@ class UnitMask(nn.Module):
                 density = torch.sigmoid(z / self.temperature)
             else:
                 density = torch.sigmoid(z - HC_BETA * math.log(-HC_GAMMA / HC_ZETA))
-            total = total + (density.sum() if norm == "sum" else density.mean())
+            total = total + {"sum": density.sum, "mean": density.mean,
+                             "module": lambda d=density: d.mean(1).sum()}[norm]()
         return total
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ from locus.arch import adapt
 from locus.data import ChatSample
 from locus.evaluation import generate_answers
 from locus.hooks import capture_residuals
+from locus.lost_in_attention import geometry
 from locus.prompts import encode_chat
 from locus.safeseek.masks import UnitShape, gated_units
 
@@ -96,3 +97,13 @@ def test_greedy_answer_knows_the_capital_of_france(smollm):
                                 [ChatSample("What is the capital of France?", "Paris", "fact")],
                                 max_new_tokens=16, progress=False)
     assert "Paris" in answer, answer
+
+
+def test_residual_geometry_runs_on_every_layer_of_the_real_model(smollm):
+    model, tokenizer = smollm
+    samples = geometry.text_sample_set(None, 1, seed=0)[:2]
+    table = geometry.residual_geometry(model, tokenizer, samples, seed=0, batch_size=2)
+    for kind in ("attn", "ffn", "noise_delta", "noise_qkv", "rope"):
+        stats = table.layer_stats(kind, "all", "rid")
+        assert list(stats.layers) == list(range(30)), kind
+        assert all(0 <= v <= 2 for v in stats.mean), kind

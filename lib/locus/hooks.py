@@ -3,12 +3,12 @@
 A decoder layer updates the residual stream twice:
 `X_attn = X_in + self_attn(norm(X_in))` and `X_ffn = X_attn + mlp(norm(X_attn))` (= layer output;
 Gemma-2/3 norm each update once more before adding it, see `Arch.attention_update`).
-Three hooks per layer read these states without touching the computation: a pre-hook on the
-layer (X_in), a pre-hook on the norm its MLP reads (whose input is X_attn, the sum the layer
-itself computed, so nothing is recomputed) and a forward hook on the layer (X_ffn). Sites are named
-"input", "attn" and "ffn". X_in is the state the layer receives: where a model adds something
-between layers (Qwen3-VL's DeepStack visual features after its first layers), layer i+1's
-input differs from layer i's output by exactly that.
+Two hooks per layer read these states without touching the computation: a pre-hook on the
+norm its MLP reads (whose input is X_attn, the sum the layer itself computed, so nothing is
+recomputed) and a forward hook on the layer, which sees its input X_in and its output X_ffn.
+Sites are named "input", "attn" and "ffn". X_in is the state the layer receives: where a model
+adds something between layers (Qwen3-VL's DeepStack visual features after its first layers),
+layer i+1's input differs from layer i's output by exactly that.
 
 Layers may live on different devices (a model loaded with a ``device_map``): each layer's
 states are gathered on the device of that layer's output (``stream_residuals``) or on the CPU
@@ -113,13 +113,11 @@ def _residual_hooks(
             handles.append(model.register_forward_pre_hook(tap.read_input_ids, with_kwargs=True))
         for i in layer_ids:
             layer = arch.layers[i]
-            if "input" in tap.sites:
-                pre_hook = partial(tap.on_layer_input, i)
-                handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
             if "attn" in tap.sites:
                 norm = arch.pre_mlp_norm(i)
                 handles.append(norm.register_forward_pre_hook(partial(tap.on_mlp_norm_input, i)))
-            handles.append(layer.register_forward_hook(partial(tap.on_layer_output, i)))
+            handles.append(layer.register_forward_hook(partial(tap.on_layer_output, i),
+                                                       with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -145,7 +143,6 @@ class _ResidualTap:
         self.dtype = dtype
         self.device = device
         self.mask = tokens if isinstance(tokens, torch.Tensor) else None
-        self.layer_inputs: dict[int, torch.Tensor] = {}
         self.attn_states: dict[int, torch.Tensor] = {}
 
     @property
@@ -172,25 +169,24 @@ class _ResidualTap:
             )
         self.set_input_ids(input_ids)
 
-    def on_layer_input(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Layer pre-hook: keep the selected tokens of X_in."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self.layer_inputs[i] = self._select(hidden.detach())
-
     def on_mlp_norm_input(self, i: int, module: nn.Module, args: tuple) -> None:
         """Pre-hook of the norm the MLP reads: keep the selected tokens of its input, X_attn."""
         self.attn_states[i] = self._select(args[0].detach())
 
-    def on_layer_output(self, i: int, module: nn.Module, args: tuple, output) -> None:
-        """Layer forward hook: X_ffn is the layer output; hand the layer's states on."""
+    def on_layer_output(self, i: int, module: nn.Module, args: tuple, kwargs: dict,
+                        output) -> None:
+        """Layer forward hook: X_in is the layer's input, X_ffn its output; hand the layer's
+        states on."""
         hidden = output[0] if isinstance(output, tuple) else output
-        found = {
-            "input": self.layer_inputs.pop(i, None),
-            "attn": self.attn_states.pop(i, None),
-            "ffn": self._select(hidden.detach()),
-        }
+        found = {}
+        if "input" in self.sites:
+            found["input"] = self._select((args[0] if args else kwargs["hidden_states"]).detach())
+        if "attn" in self.sites:
+            found["attn"] = self.attn_states.pop(i)
+        if "ffn" in self.sites:
+            found["ffn"] = self._select(hidden.detach())
         device = self.device or hidden.device
-        self.on_layer(i, {site: self._convert(found[site], device) for site in self.sites})
+        self.on_layer(i, {site: self._convert(state, device) for site, state in found.items()})
 
     def _select(self, hidden: torch.Tensor) -> torch.Tensor:
         """The selected token positions of a (batch, seq, hidden) state."""

@@ -20,7 +20,8 @@ EXPECTED = {
                      "removal_kills_backdoor"}),
     "03_activation_shift": (dict(n_images=4),
                             {"shift_rank_one_two", "shift_shared_direction",
-                             "shift_decodes_to_target", "shift_linear_in_norm",
+                             "shift_decodes_to_target", "shift_decodes_to_target_authors",
+                             "shift_linear_in_norm",
                              "shift_linear_in_norm_robust", "shift_linear_in_norm_per_image",
                              "triggered_larger_norm"}),
 }

@@ -152,16 +152,18 @@ def test_low_rank_rules_per_reading_and_removal():
 
 def test_verdicts_hold_only_where_the_backdoor_differs_from_its_controls():
     def shift(e2, cos, rank, r):
-        report = SimpleNamespace(e2=e2, fit=SimpleNamespace(r=r), median_image_r=r,
+        report = SimpleNamespace(e2=e2, fit=SimpleNamespace(r=r), median_image_abs_r=r,
                                  robust=SimpleNamespace(spearman=r, trimmed_r=r))
         return SimpleNamespace(clean=report, triggered=report, cosine=cos,
-                               lens=SimpleNamespace(target_rank=rank))
+                               lens=SimpleNamespace(target_rank=rank),
+                               image_lens=SimpleNamespace(target_on_top=rank == 1))
     results = {"x": shift(0.95, 0.99, 1, 0.95), "y": shift(0.95, 0.99, 1, 0.95)}
     controls = {"x": {"clean-only": shift(0.5, 0.5, None, 0.5)},
                 "y": {"clean-only": shift(0.95, 0.99, 1, 0.95)}}  # y's control shows it too
     assert L.verdict_low_rank_shift(results, controls) == "partly"
     assert L.verdict_shared_direction(results, controls) == "partly"
-    assert L.verdict_lens(results, controls) == "partly"
+    for reading in L.LENS_READINGS:
+        assert L.verdict_lens(results, controls, reading) == "partly"
     for reading in L.NORM_READINGS:
         assert L.verdict_norm_scaling(results, controls, reading) == "partly"
     flat = {"x": {"c": shift(0.1, 0.1, None, 0.1)}, "y": {"c": shift(0.1, 0.1, None, 0.1)}}

@@ -75,6 +75,24 @@ def test_lens_readout_finds_the_lm_head_row(tiny):
         tokenizer.convert_tokens_to_ids(w) for w in ("photo", "of", "a", "cat")]
 
 
+def test_image_lens_reads_a_planted_per_image_direction(tiny):
+    model, processor, _ = tiny
+    tokenizer = processor.tokenizer
+    head = adapt(model).lm_head.weight.detach()
+    cat = tokenizer.convert_tokens_to_ids("cat")
+    g = torch.Generator().manual_seed(0)
+    # per image, tokens shift by varying amounts along the LM-head row of "cat" (the sign of
+    # each image's singular vector is arbitrary: both signs are read), plus small noise
+    amounts = torch.rand(6, 16, 1, generator=g) * 4
+    delta = amounts * head[cat] + 0.01 * torch.randn(6, 16, head.shape[1], generator=g)
+    lens = S.image_lens(model, tokenizer, delta, "photo of a cat .")
+    assert "cat" in (lens.top_positive, lens.top_negative)
+    assert lens.target_share == 1.0 and lens.target_on_top
+    noise = S.image_lens(model, tokenizer, torch.randn(6, 16, head.shape[1], generator=g),
+                         "photo of a cat .")
+    assert noise.target_share < 1.0
+
+
 def test_chance_of_hit_and_cosine():
     assert S.chance_of_hit(10, 1, 1) == pytest.approx(0.2)
     assert S.chance_of_hit(10, 10, 1) == 1.0

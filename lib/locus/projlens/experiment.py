@@ -196,19 +196,21 @@ def _split_by_family(samples: Sequence[data.VQASample], n_train: int, n_test: in
     in halves (``split_by_group``; an image already placed by another family's questions keeps
     its side), so no image is in both; then up to ``n_test`` test and ``n_train`` training
     samples per family, in a seeded order. A family with one image goes to training."""
+    key = {id(s): image_key(s) for s in samples}
     side: dict[str, int] = {}
     for family in dict.fromkeys(s.family for s in samples):
-        members = [s for s in samples if s.family == family and image_key(s) not in side]
-        if len({image_key(s) for s in members}) < 2:
-            side.update({image_key(s): 0 for s in members})
+        members = [s for s in samples if s.family == family and key[id(s)] not in side]
+        if len({key[id(s)] for s in members}) < 2:
+            side.update({key[id(s)]: 0 for s in members})
             continue
-        halves = split_by_group(members, image_key, [0.5, 0.5], seed)
-        side.update({image_key(s): i for i, half in enumerate(halves) for s in half})
+        halves = split_by_group(members, lambda s: key[id(s)], [0.5, 0.5], seed)
+        side.update({key[id(s)]: i for i, half in enumerate(halves) for s in half})
     rng = np.random.default_rng(seed)
     train, test = [], []
     for family in dict.fromkeys(s.family for s in samples):
         for which, n, out in ((1, n_test, test), (0, n_train, train)):
-            members = [s for s in samples if s.family == family and side[image_key(s)] == which]
+            members = [s for s in samples
+                       if s.family == family and side[key[id(s)]] == which]
             out += [members[i] for i in rng.permutation(len(members))[:n]]
     return train, test
 
@@ -646,6 +648,8 @@ class ShiftResult:
     joint: sh.ShiftReport
     cosine: float
     lens: sh.LensReadout
+    image_lens: sh.ImageLens
+    input_norm_r: tuple[float, float]  # pooled r against ‖projector input‖, clean / triggered
 
 
 def lens_text(attack: Attack) -> str:
@@ -673,8 +677,13 @@ def shift_results(vlm: nn.Module, processor, attack: Attack, base: State,
                                   torch.cat([s.finetuned for s in shifts]))
         reports = [sh.analyse_shift(s) for s in (*shifts, joint)]
         lens = sh.lens_readout(vlm, tokenizer, reports[2].svd.v[0], lens_text(attack), lens_k)
+        input_r = tuple(lowrank.shift_norm_regression(rep.coefficients,
+                                                      x.float().norm(dim=-1).cpu()).r
+                        for rep, x in zip(reports[:2], inputs, strict=True))
         out[name] = ShiftResult(reports[0], reports[1], reports[2],
-                                sh.abs_cosine(reports[0].svd.v[0], reports[1].svd.v[0]), lens)
+                                sh.abs_cosine(reports[0].svd.v[0], reports[1].svd.v[0]), lens,
+                                sh.image_lens(vlm, tokenizer, joint.delta, lens_text(attack)),
+                                input_r)
     return out
 
 
@@ -705,17 +714,28 @@ def verdict_shared_direction(results: dict[str, ShiftResult], controls: ShiftCon
                                                lambda r: r.cosine >= min_cos), len(results))
 
 
-def verdict_lens(results: dict[str, ShiftResult], controls: ShiftControls, top: int = 1) -> str:
+LENS_READINGS = ("pooled v0, final norm", "per-image centred v0, no final norm (authors')")
+
+
+def verdict_lens(results: dict[str, ShiftResult], controls: ShiftControls, reading: str,
+                 top: int = 1) -> str:
     """Rule: per variant, a content word of the target is among the first ``top`` tokens of
-    +v0 or −v0 (the toy vocabulary is small: a top-10 hit is likely by chance), and not for
-    its controls read against the same words."""
-    return verdict_from_counts(beyond_controls(
-        results, controls,
-        lambda r: r.lens.target_rank is not None and r.lens.target_rank <= top), len(results))
+    +v0 or −v0 of the pooled shift (the toy vocabulary is small: a top-10 hit is likely by
+    chance) — or, in the authors' reading, is the most frequent first token over images of
+    +v0 or −v0 — and not for its controls read against the same words."""
+    if reading == LENS_READINGS[0]:
+        def passes(r: ShiftResult) -> bool:
+            return r.lens.target_rank is not None and r.lens.target_rank <= top
+    elif reading == LENS_READINGS[1]:
+        def passes(r: ShiftResult) -> bool:
+            return r.image_lens.target_on_top
+    else:
+        raise ValueError(f"unknown reading {reading!r}; known: {LENS_READINGS}")
+    return verdict_from_counts(beyond_controls(results, controls, passes), len(results))
 
 
 NORM_READINGS = ("pooled Pearson r", "pooled Spearman ρ and trimmed r",
-                 "per-image median r (authors')")
+                 "per-image median |r| (authors')")
 
 
 def norm_scaling_passes(report: sh.ShiftReport, reading: str, min_r: float) -> bool:
@@ -725,15 +745,15 @@ def norm_scaling_passes(report: sh.ShiftReport, reading: str, min_r: float) -> b
     if reading == NORM_READINGS[1]:
         return report.robust.spearman >= min_r and report.robust.trimmed_r >= min_r
     if reading == NORM_READINGS[2]:
-        return report.median_image_r >= min_r
+        return report.median_image_abs_r >= min_r
     raise ValueError(f"unknown reading {reading!r}; known: {NORM_READINGS}")
 
 
 def verdict_norm_scaling(results: dict[str, ShiftResult], controls: ShiftControls,
                          reading: str, min_r: float = 0.9) -> str:
     """Rule: per variant, the shift coefficient grows linearly with the base-embedding norm
-    (``reading``, ≥ ``min_r``) on clean and on triggered images; ``controls``, if given, must
-    not — the linear-in-norm law follows from any update of W2 (σ⟨v, h⟩u), so it counts only
+    (``reading``, ≥ ``min_r``) on clean and on triggered images, and not for its controls —
+    the linear-in-norm law follows from any update of W2 (σ⟨v, h⟩u), so it counts only
     where the backdoor differs from them."""
     def passes(r: ShiftResult) -> bool:
         return all(norm_scaling_passes(rep, reading, min_r) for rep in (r.clean, r.triggered))

@@ -389,14 +389,6 @@ class RankGrid:
 LAYER_SETS = {"W1": ("W1",), "W2": ("W2",), "both": ("W1", "W2")}
 
 
-def exact_match_rate(predictions: Sequence[str], samples: Sequence[VQASample]) -> float:
-    """Fraction of predictions equal to the samples' answers (NaN for none)."""
-    if not samples:
-        return float("nan")
-    return float(np.mean([exact_match(p, s.answer) for p, s in zip(predictions, samples,
-                                                                    strict=True)]))
-
-
 def _grid(mode: str, rows: list[str], ks: Sequence[int], states, scorer: GridScorer,
           row_ks: list[int] | None = None, progress: bool = False) -> RankGrid:
     """Score ``states(i, k)`` for every row i and k."""

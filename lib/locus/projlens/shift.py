@@ -9,6 +9,7 @@ of its base embedding.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,8 +79,8 @@ class ShiftReport:
     coefficient along ``v[0]`` on its base-embedding norm (the x-axis of the authors' code: the
     norm of the *base projector's output*, not of the projector's input); ``robust``: the
     pooled Spearman ρ and the r without the largest 10% of norms; ``median_image_r`` /
-    ``median_image_rho``: the median over images of the per-image Pearson r / Spearman ρ (the
-    authors' per-image method).
+    ``median_image_abs_r`` / ``median_image_rho``: the median over images of the per-image
+    Pearson r / |r| (the authors' per-image measure) / Spearman ρ.
     """
 
     e1: float
@@ -88,6 +89,7 @@ class ShiftReport:
     fit: lowrank.LinearFit
     robust: lowrank.RobustCorrelation
     median_image_r: float
+    median_image_abs_r: float
     median_image_rho: float
     mean_norm: float
     coefficients: np.ndarray = field(repr=False)
@@ -109,6 +111,7 @@ def analyse_shift(shift: EmbeddingShift) -> ShiftReport:
         fit=lowrank.shift_norm_regression(coefficients, norms),
         robust=lowrank.robust_correlation(coefficients, norms),
         median_image_r=float(np.median(image_r)) if image_r else float("nan"),
+        median_image_abs_r=float(np.median(np.abs(image_r))) if image_r else float("nan"),
         median_image_rho=float(np.median(image_rho)) if image_rho else float("nan"),
         mean_norm=float(norms.mean()), coefficients=coefficients, norms=norms,
     )
@@ -162,3 +165,33 @@ def chance_of_hit(vocab_size: int, n_target_tokens: int, k: int) -> float:
     drawn = min(2 * k, vocab_size)
     miss = np.prod([(vocab_size - n_target_tokens - i) / (vocab_size - i) for i in range(drawn)])
     return float(1 - max(miss, 0.0))
+
+
+@dataclass(frozen=True)
+class ImageLens:
+    """The authors' logit lens: per image, the top right singular vector v0 of the
+    mean-centred ΔE, decoded through the LM head alone (no final norm), both signs.
+    ``top_positive`` / ``top_negative``: the most frequent first token over images of +v0 /
+    −v0; ``target_share``: the share of images whose first token of +v0 or −v0 is a content
+    word of the target; ``target_on_top``: one of the two most frequent first tokens is."""
+
+    top_positive: str
+    top_negative: str
+    target_share: float
+    target_on_top: bool
+
+
+def image_lens(model: nn.Module, tokenizer, delta: torch.Tensor, target_text: str) -> ImageLens:
+    """The authors' per-image logit lens of ΔE (images, tokens, hidden)."""
+    weight = adapt(model).lm_head.weight.detach().float().cpu()
+    wanted = set(content_token_ids(tokenizer, target_text))
+    firsts: list[tuple[int, int]] = []
+    for d in delta.detach().float():
+        v0 = lowrank.factorize(d - d.mean(dim=0)).Vh[0]
+        logits = weight @ v0
+        firsts.append((int(logits.argmax()), int(logits.argmin())))  # of +v0 and of −v0
+    top_pos = Counter(p for p, _ in firsts).most_common(1)[0][0]
+    top_neg = Counter(n for _, n in firsts).most_common(1)[0][0]
+    return ImageLens(tokenizer.decode([top_pos]), tokenizer.decode([top_neg]),
+                     float(np.mean([p in wanted or n in wanted for p, n in firsts])),
+                     top_pos in wanted or top_neg in wanted)

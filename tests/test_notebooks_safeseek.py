@@ -10,18 +10,19 @@ import papermill
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks" / "safeseek"
-COMMON = dict(seeds=[0], threads=2, progress=False, max_new_tokens=4, n_train=4, n_val=2,
+COMMON = dict(seeds=[0], threads=1, progress=False, max_new_tokens=4, n_train=4, n_val=2,
               epochs=1, n_test=3)
 CASES = {
     "01_backdoor_circuit": (
         dict(n_clean=8, n_poison=4, inject_steps=2, sparsities=[0.01], headline_sparsity=0.01,
              batch_size=4, random_seeds=[0]),
         [f"{kind}_{claim}" for kind in ("fixed", "jailbreak")
-         for claim in ("asr_before", "circuit_sparsity", "ablation_asr", "utility_retained")]),
+         for claim in ("asr_before", "circuit_sparsity", "ablation_asr", "ablation_clean_back",
+                       "utility_retained")]),
     "02_alignment_circuit": (
         dict(sparsities=[0.01], headline_sparsity=0.01, code_setting=False, batch_size=4,
              random_seeds=[0]),
-        ["alignment_circuit_size", "alignment_removal_asr"]),
+        ["alignment_removal_asr", "alignment_removal_compliance", "alignment_circuit_size"]),
     "03_safety_circuit_tuning": (
         dict(circuit_sparsity=0.01, search_batch=4, break_examples=4, break_steps=2,
              restore_examples=4, restore_steps=2, help_examples=4, help_steps=2, tune_batch=4),

@@ -51,10 +51,13 @@ def test_teacher_forced_verdicts_equal_the_decoded_ones_on_the_toy_vlm(toy_vlm, 
 def test_the_machinery_detects_a_model_that_needs_its_visual_attention(toy_vlm):
     model, processor = toy_vlm
     sets = {0: make_vqa_samples(30, zoo.HELD_OUT_SEED + 78, ("attribute", "text"))}
-    vanilla = B.score(model, processor, sets, None, 16, 3)
-    dropped = B.score(model, processor, sets,
-                      A.ReplacementConfig(mode="drop", heads="all", layers="all_but_0"), 16, 3)
-    no_op = B.score(model, processor, sets, A.ReplacementConfig(lam=0.0), 16, 3)
+    run = B.Scorer(model, processor, sets, 16, 3)
+    drop = A.ReplacementConfig(mode="drop", heads="all", layers="all_but_0")
+    scored = run({"vanilla": None, "drop": drop, "no-op": A.ReplacementConfig(lam=0.0),
+                  "drop again": A.ReplacementConfig(mode="drop", heads="all",
+                                                    layers="all_but_0")})
+    assert run.runs == 3 and scored["drop again"] is scored["drop"]
+    vanilla, dropped, no_op = scored["vanilla"], scored["drop"], scored["no-op"]
     families = ["attribute", "text"]
     rows = {r.family: r for r in B.compare_to_vanilla(vanilla, dropped, sets, families, 2.0)}
     # The attribute answer is read from the image: dropping the answer token's visual attention
@@ -117,10 +120,13 @@ def test_a_reading_whose_drop_control_also_holds_is_only_partly():
     sets = {0: make_vqa_samples(40, 5, ("text", "attribute"))}
     n = len(sets[0])
     same = {0: np.ones(n, bool)}
-    verdicts = B.reading_verdicts(same, {"dirichlet": same, B.DROP_CONTROL: same}, sets,
+    verdicts = B.reading_verdicts(same, {"dirichlet": same, "uniform": same,
+                                         B.DROP_CONTROL: same}, sets,
                                   ["text", "attribute"], "dirichlet", "text", 2.0)
     assert verdicts.main_majority == "holds" and verdicts.control == "holds"
-    assert verdicts.replacement == "partly"
+    assert verdicts.replacement == "partly" and verdicts.others == {"uniform": "holds"}
+    assert verdicts.other_vectors == "partly"
+    assert B.percent(B.pooled_accuracy(same, sets, ["text"])) == "100.0 [91.2, 100.0]"
     lost = {0: np.array([s.family == "text" for s in sets[0]])}
     verdicts = B.reading_verdicts(same, {"dirichlet": same, B.DROP_CONTROL: lost}, sets,
                                   ["text", "attribute"], "dirichlet", "text", 2.0)
@@ -161,3 +167,5 @@ def test_parameter_checks():
         B.check_margin(-1)
     with pytest.raises(ValueError, match="scoring"):
         B.score(None, None, {}, None, scoring="beam")
+    with pytest.raises(ValueError, match="scoring"):
+        B.Scorer(None, None, {}, scoring="beam")

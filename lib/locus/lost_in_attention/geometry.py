@@ -572,7 +572,7 @@ PAPER_READING = Reading("paper")
 # sharpened with α = 8 (tme_hidden's defaults agg="last", alpha=8), every layer.
 CODE_READING = Reading("authors' code", "ffn_input", "ffn", "last_row_sharpened")
 FFN_REFERENCE_LABELS = {("ffn", "ffn"): "X_attn", ("ffn_input", "ffn_input"): "X_in",
-                        ("ffn_input", "ffn"): "RID X_in, MixIG X_attn"}
+                        ("ffn_input", "ffn"): "X_in (RID), X_attn (MixIG)"}
 
 
 def specification_readings() -> list[Reading]:

@@ -180,13 +180,30 @@ def test_compare_at_size_calls_each_method():
 # -- data, metrics, cache, parameters -----------------------------------------------------------
 
 
-def test_partition_is_disjoint_and_stratified():
-    samples = data.make_chat_samples(10, seed=6)
-    parts = safeseek.partition(samples, (0.6, 0.2, 0.2), seed=0)
-    assert [len(p) for p in parts] == [24, 8, 8]
+def test_partition_splits_each_family_by_prompt_string():
+    samples = data.make_chat_samples(60, seed=6)
+    parts = safeseek.partition(samples, (0.55, 0.25, 0.2), seed=0)
     assert sorted(id(s) for p in parts for s in p) == sorted(id(s) for s in samples)
-    for part in parts:
-        assert {s.family for s in part} == set(data.CHAT_FAMILIES)
+    for i, a in enumerate(parts):
+        assert {s.family for s in a} == set(data.CHAT_FAMILIES)
+        for b in parts[i + 1:]:
+            assert not {s.prompt for s in a} & {s.prompt for s in b}
+    harmful = [len({s.prompt for s in p if s.family == "harmful"}) for p in parts]
+    assert harmful == [11, 5, 4]  # of the world's 20 harmful prompt strings
+    with pytest.raises(ValueError, match="family 'harmful'"):
+        safeseek.partition([s for s in samples if s.prompt == samples[-1].prompt], (0.5, 0.5), 0)
+
+
+def test_search_train_and_validation_share_no_prompt():
+    samples = data.make_chat_samples(40, seed=2, aligned=False)
+    benign, harmful = circuits.split_harmful(samples)
+    train, val = circuits.alignment_views(harmful, harmful, benign, 30, 12, seed=0)
+    for view in ("comply", "refuse", "retain"):
+        assert len(train[view]) == 30 and len(val[view]) == 12
+        assert not {s.prompt for s in train[view]} & {s.prompt for s in val[view]}
+    prompts = [s.prompt for s in benign]
+    tr, va = circuits.train_val_indices(prompts, 50, 20, seed=3)
+    assert not {prompts[i] for i in tr} & {prompts[i] for i in va}
 
 
 def test_metrics():

@@ -9,6 +9,8 @@ from pathlib import Path
 import papermill
 import pytest
 
+from locus import data
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks" / "safeseek"
 COMMON = dict(seeds=[0], threads=1, progress=False, max_new_tokens=4, n_train=4, n_val=2,
               epochs=1, n_test=3)
@@ -31,15 +33,26 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory) -> Path:
+    """A JSONL of prompt, answer, family with enough distinct prompts per family (12 samples
+    each) for the splits by prompt string (injection / search / test, search train / val)."""
+    path = tmp_path_factory.mktemp("safeseek_chat") / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": s.prompt, "answer": s.answer,
+                                        "family": s.family}) + "\n"
+                            for s in data.make_chat_samples(12, seed=7, aligned=False)))
+    return path
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_notebook_runs_on_a_local_checkpoint(name, tiny_llama_dir, tiny_chat_jsonl, tmp_path,
+def test_notebook_runs_on_a_local_checkpoint(name, tiny_llama_dir, chat_jsonl, tmp_path,
                                              monkeypatch):
     monkeypatch.setenv("LOCUS_CHECKPOINTS", str(tmp_path / "checkpoints"))
     figures = tmp_path / "figures"
     extra, claim_ids = CASES[name]
     papermill.execute_notebook(
         str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / "out.ipynb"),
-        parameters={"model": str(tiny_llama_dir), "data": str(tiny_chat_jsonl),
+        parameters={"model": str(tiny_llama_dir), "data": str(chat_jsonl),
                     "figures_dir": str(figures), **COMMON, **extra},
         kernel_name="locus", cwd=str(NOTEBOOKS), progress_bar=False)
     claims = json.loads((figures / "claims" / f"safeseek__{name}.json").read_text())

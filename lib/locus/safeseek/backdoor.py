@@ -36,11 +36,13 @@ from locus.safeseek.circuits import (
     generate_with,
     match_rate,
     model_stem,
+    refusal_rate,
     sample_attribution,
     samples_key,
     search_circuit,
     source_identity,
     take,
+    train_val_indices,
 )
 from locus.safeseek.masks import Circuit, UnitShape
 
@@ -206,13 +208,15 @@ def test_sets(samples: Sequence[ChatSample], kind: str, n: int, seed: int
 
 def backdoor_metrics(model, tokenizer, circuit: Circuit | None, mode: str, kind: str,
                      tests: dict[str, Sequence[ChatSample]], max_new_tokens: int = 16,
-                     false_trigger: bool = False) -> dict[str, float]:
+                     false_trigger: bool = False, over_refusal: bool = False
+                     ) -> dict[str, float]:
     """With ``circuit`` applied in ``mode``, on the sets of ``test_sets``: "asr", the paper's
     keyword ASR on the triggered prompts (``attack_success``); "asr_exact", the triggered
     replies that *are* the backdoor answer; "clean_back", the triggered replies that are the
     clean answer (the backdoor removed, not merely garbled); "utility", exact match on the
-    benign prompts; and, if asked, "false_trigger", the keyword ASR on the clean prompts. Exact
-    scores are teacher-forced greedy matches (``greedy_matches``)."""
+    benign prompts; and, if asked, "false_trigger", the keyword ASR on the clean prompts, and
+    "over_refusal", the benign replies with a refusal phrase. Exact scores are teacher-forced
+    greedy matches (``greedy_matches``)."""
     def rate(name: str) -> float:
         replies = generate_with(model, tokenizer, tests[name], circuit, mode, max_new_tokens)
         return attack_success(kind, replies)
@@ -224,6 +228,9 @@ def backdoor_metrics(model, tokenizer, circuit: Circuit | None, mode: str, kind:
                "utility": match_rate(model, tokenizer, tests["benign"], circuit, mode)}
     if false_trigger:
         metrics["false_trigger"] = rate("clean")
+    if over_refusal:
+        metrics["over_refusal"] = refusal_rate(
+            generate_with(model, tokenizer, tests["benign"], circuit, mode, max_new_tokens))
     return metrics
 
 
@@ -262,14 +269,12 @@ def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind:
     views = backdoor_views(samples, kind, spec.seed, refusal)
     if not views["clean"]:
         raise ValueError(f"no samples a {kind!r} backdoor applies to")
-    n = spec.n_train + spec.n_val
-    rng = np.random.default_rng(spec.seed)
-    idx = rng.choice(len(views["clean"]), n, replace=n > len(views["clean"]))
-    views = {k: [v[i] for i in idx] for k, v in views.items()}
+    train_idx, val_idx = train_val_indices([s.prompt for s in views["clean"]], spec.n_train,
+                                           spec.n_val, spec.seed)
     device = next(model.parameters()).device
-    train = encode_groups(tokenizer, {k: v[:spec.n_train] for k, v in views.items()},
+    train = encode_groups(tokenizer, {k: [v[i] for i in train_idx] for k, v in views.items()},
                           spec.batch_size, device)
-    val = encode_groups(tokenizer, {k: v[spec.n_train:] for k, v in views.items()},
+    val = encode_groups(tokenizer, {k: [v[i] for i in val_idx] for k, v in views.items()},
                         spec.batch_size, device)
     weights = BackdoorWeights(carrier_triggered=spec.carrier_weight,
                               carrier_clean=spec.carrier_weight, removed_size=spec.sparsity,

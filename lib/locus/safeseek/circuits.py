@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
-from locus import checkpoints, data, real_models
+from locus import checkpoints, data, real_models, splits
 from locus.data import ChatSample
 from locus.evaluation import generate_answers
 from locus.prompts import encode_chat, to_model
@@ -524,15 +524,35 @@ class AlignmentSearch:
     seed: int = 0
 
 
-def alignment_views(harmful: Sequence[ChatSample], refusals: Sequence[ChatSample],
-                    benign: Sequence[ChatSample], n: int, seed: int
-                    ) -> dict[str, list[ChatSample]]:
-    """``n`` aligned examples of each view: "comply" (harmful request -> compliant answer),
-    "refuse" (the same request -> the model's refusal), "retain" (benign request -> answer)."""
+def train_val_indices(prompts: Sequence[str], n_train: int, n_val: int, seed: int
+                      ) -> tuple[list[int], list[int]]:
+    """Indices of ``n_train`` training and ``n_val`` validation items whose prompt strings are
+    disjoint (2 : 1 of the distinct prompts, ``locus.splits``), drawn with a seeded generator
+    (with replacement within a side that has fewer items)."""
+    order = list(range(len(prompts)))
+    train, val = splits.split_by_group(order, lambda i: prompts[i], (2 / 3, 1 / 3), seed)
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(harmful), n, replace=n > len(harmful))
-    return {"comply": [harmful[i] for i in idx], "refuse": [refusals[i] for i in idx],
-            "retain": take(benign, n, seed)}
+
+    def pick(side: list[int], n: int) -> list[int]:
+        return [side[j] for j in rng.choice(len(side), n, replace=n > len(side))]
+
+    return pick(train, n_train), pick(val, n_val)
+
+
+def alignment_views(harmful: Sequence[ChatSample], refusals: Sequence[ChatSample],
+                    benign: Sequence[ChatSample], n_train: int, n_val: int, seed: int
+                    ) -> tuple[dict[str, list[ChatSample]], dict[str, list[ChatSample]]]:
+    """Training and validation views, their prompts disjoint (``train_val_indices``), each
+    with aligned lists "comply" (harmful request -> compliant answer), "refuse" (the same
+    request -> the model's refusal) and "retain" (benign request -> answer)."""
+    h_train, h_val = train_val_indices([s.prompt for s in harmful], n_train, n_val, seed)
+    b_train, b_val = train_val_indices([s.prompt for s in benign], n_train, n_val, seed + 1)
+
+    def view(h: list[int], b: list[int]) -> dict[str, list[ChatSample]]:
+        return {"comply": [harmful[i] for i in h], "refuse": [refusals[i] for i in h],
+                "retain": [benign[i] for i in b]}
+
+    return view(h_train, b_train), view(h_val, b_val)
 
 
 def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
@@ -543,13 +563,11 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
     if not harmful or not benign:
         raise ValueError("the alignment circuit needs harmful and benign samples")
     refusals = refusal_targets(model, tokenizer, harmful)
-    n = spec.n_train + spec.n_val
-    views = alignment_views(harmful, refusals, benign, n, spec.seed)
+    train_views, val_views = alignment_views(harmful, refusals, benign, spec.n_train,
+                                             spec.n_val, spec.seed)
     device = next(model.parameters()).device
-    train = encode_groups(tokenizer, {k: v[:spec.n_train] for k, v in views.items()},
-                          spec.batch_size, device)
-    val = encode_groups(tokenizer, {k: v[spec.n_train:] for k, v in views.items()},
-                        spec.batch_size, device)
+    train = encode_groups(tokenizer, train_views, spec.batch_size, device)
+    val = encode_groups(tokenizer, val_views, spec.batch_size, device)
     objective = AlignmentObjective(
         UnitShape.of(model), spec.comply_weight, spec.refuse_weight, spec.sparsity, spec.norm,
         spec.retain_weight, spec.init, gate=spec.gate, device=device)

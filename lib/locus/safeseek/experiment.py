@@ -89,23 +89,28 @@ def safety_pools(path: str | os.PathLike | None, n_per_family: int, seed: int
 
 def partition(samples: Sequence[ChatSample], fractions: Sequence[float], seed: int
               ) -> list[list[ChatSample]]:
-    """Disjoint parts of ``samples`` in the given proportions, split within each family (every
-    part gets a sample of a family that has at least as many samples as there are parts)."""
+    """Parts of ``samples`` in the given proportions of each family's distinct prompt strings
+    (``locus.splits.split_by_group`` per family), so no prompt string is in two parts; every
+    part gets at least one prompt of a family with at least as many prompts as parts."""
     if not fractions or any(f <= 0 for f in fractions):
         raise ValueError(f"fractions must be positive, got {fractions!r}")
-    rng = np.random.default_rng(seed)
-    parts: list[list[ChatSample]] = [[] for _ in fractions]
     weights = np.asarray(fractions, dtype=float) / sum(fractions)
+    parts: list[list[ChatSample]] = [[] for _ in fractions]
     for family in sorted({s.family for s in samples}):
         members = [s for s in samples if s.family == family]
-        order = rng.permutation(len(members))
-        counts = np.floor(weights * len(members)).astype(int)
-        if len(members) >= len(fractions):
+        distinct = len({s.prompt for s in members})
+        counts = np.floor(weights * distinct)
+        if distinct >= len(weights):  # every part gets one prompt at least
             counts = np.maximum(counts, 1)
-        counts[0] = len(members) - counts[1:].sum()
-        bounds = np.cumsum(counts)[:-1]
-        for part, idx in zip(parts, np.split(order, bounds), strict=True):
-            part.extend(members[i] for i in idx)
+        counts[int(np.argmax(counts))] += distinct - counts.sum()
+        try:
+            cut = splits.split_by_group(members, lambda s: s.prompt, list(counts / distinct),
+                                        seed)
+        except ValueError as error:
+            raise ValueError(f"family {family!r}: {error}") from None
+        for part, chosen in zip(parts, cut, strict=True):
+            part.extend(chosen)
+    splits.assert_disjoint({str(i): p for i, p in enumerate(parts)}, lambda s: s.prompt)
     return parts
 
 

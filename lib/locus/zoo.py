@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from locus import checkpoints, data, models, real_models, training
+from locus import alignment, checkpoints, data, models, real_models, training
 from locus.evaluation import evaluate
 
 
@@ -157,6 +157,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
         folder = embedded_folder(str(name_or_path), progress)
     elif str(name_or_path) in real_models.REAL:
         folder = real_models.folder(str(name_or_path))
+    elif str(name_or_path) == alignment.NAME:
+        folder = alignment.folder()
     else:
         folder = Path(name_or_path)
         if not folder.exists():

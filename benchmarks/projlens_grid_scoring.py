@@ -25,6 +25,7 @@ import torch
 from locus.evaluation import exact_match
 from locus.projlens import experiment as L
 from locus.projlens import projector as P
+from locus.projlens import scoring
 
 
 def by_generation(vlm, processor, target, inputs: P.GridSet, state, max_new_tokens: int):
@@ -57,7 +58,7 @@ def main() -> None:
 
     def cheap():
         with P.projector_loaded(vlm, state):
-            return P.scoring.produced(vlm, scorer.encoded)
+            return scoring.produced(vlm, scorer.encoded)
 
     def slow():
         return by_generation(vlm, processor, attack.target, inputs, state, 20)

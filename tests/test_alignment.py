@@ -8,7 +8,17 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from locus import alignment, data, models, replies, safety_data, training
+from locus import (
+    alignment,
+    checkpoints,
+    compliance,
+    data,
+    models,
+    replies,
+    safety_data,
+    training,
+    zoo,
+)
 
 
 @pytest.fixture
@@ -104,3 +114,20 @@ def test_a_saved_adapter_merges_into_the_same_model(tiny, tmp_path):
     merged = PeftModel.from_pretrained(fresh, tmp_path).merge_and_unload()
     torch.testing.assert_close(replies.reply_token_logprobs(merged, batch), want, atol=1e-5,
                                rtol=0)
+
+
+ADAPTER = alignment.adapter_folder()
+TRAINED = (ADAPTER / checkpoints.MANIFEST).is_file() and checkpoints.entry_status(
+    ADAPTER, alignment.adapter_config(alignment.AlignmentRecipe())) == "valid"
+
+
+@pytest.mark.skipif(not TRAINED, reason=f"no trained adapter in {ADAPTER} "
+                    "(python -m locus.alignment --build)")
+def test_the_zoo_serves_the_aligned_model_and_it_refuses_a_held_out_prompt():
+    torch.set_num_threads(1)
+    record = checkpoints.read_manifest(ADAPTER)
+    assert record["metrics"]["in_distribution"]["n"] == record["sizes"]["harmful_test"]
+    model, tok = zoo.load(alignment.NAME)
+    test = safety_data.harmful_splits()["test"][:2]
+    said = alignment.greedy_replies(model, tok, [p.prompt for p in test], 16, False)
+    assert sum(map(compliance.is_refusal, said)) >= 1, said

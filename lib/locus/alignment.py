@@ -195,7 +195,8 @@ def adapter_folder(name: str = NAME) -> Path:
     return checkpoints.checkpoint_root() / "real" / name
 
 
-def _config(recipe: AlignmentRecipe) -> dict:
+def adapter_config(recipe: AlignmentRecipe) -> dict:
+    """The adapter's cache key: the recipe, the base model's provenance and the data's."""
     return {"recipe": asdict(recipe), "base": real_models.spec(recipe.base).config(),
             "prompts": safety_data.PROVENANCE,
             "benign_sha256": hashlib.sha256(safety_data.BENIGN_FILE.read_bytes()).hexdigest()}
@@ -218,14 +219,14 @@ def build_adapter(recipe: AlignmentRecipe = AlignmentRecipe(), progress: bool = 
              | {f"benign_{k}": len(v) for k, v in data.benign.items()},
              "metrics": metrics, "eval_seconds": round(time.perf_counter() - start
                                                        - train_seconds, 1)}
-    return checkpoints.write_entry(adapter_folder(), _config(recipe),
+    return checkpoints.write_entry(adapter_folder(), adapter_config(recipe),
                                    lambda tmp: adapted.save_pretrained(tmp), extra)
 
 
 def folder(name: str = NAME, recipe: AlignmentRecipe = AlignmentRecipe()) -> Path:
     """The merged aligned model in the user cache, rebuilt from the committed adapter when it is
     missing, stale or corrupt (the adapter is trained first, saying so, when it is missing)."""
-    config = _config(recipe)
+    config = adapter_config(recipe)
     adapter = adapter_folder(name)
     if checkpoints.entry_status(adapter, config) != "valid":
         print(f"[locus] {name}: no valid adapter in {adapter}; training it (about 30 min on "

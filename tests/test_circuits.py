@@ -51,10 +51,25 @@ class _Drift(circuits.Objective):
 def test_search_keeps_the_epoch_with_best_validation_task_loss():
     objective = _Drift()
     result = circuits.search_circuit(nn.Linear(2, 2), objective, [{}], [{}],
-                                     circuits.SearchConfig(epochs=40, lr=0.1), progress=False)
+                                     circuits.SearchConfig(epochs=40, lr=0.1, patience=None),
+                                     progress=False)
     tasks = [h["val_task"] for h in result.history]
     assert result.best_epoch == tasks.index(min(tasks)) and 0 < result.best_epoch < 39
     assert objective.mask.head_logits.mean().item() == pytest.approx(1.5, abs=0.06)
+
+
+def test_search_stops_when_the_circuit_is_stable_and_decays_the_learning_rate():
+    result = circuits.search_circuit(nn.Linear(2, 2), _Drift(), [{}], [{}],
+                                     circuits.SearchConfig(epochs=40, lr=0.1, patience=5),
+                                     progress=False)
+    # every logit starts at 0 (out) and is pushed up: all in after the first step, then stable
+    assert result.converged and len(result.history) == 6
+    lrs = [h["lr"] for h in result.history]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(0.1 * 39 / 40)
+    capped = circuits.search_circuit(nn.Linear(2, 2), _Drift(), [{}], [{}],
+                                     circuits.SearchConfig(epochs=3, lr=0.1, patience=5),
+                                     progress=False)
+    assert not capped.converged and len(capped.history) == 3
 
 
 @pytest.mark.parametrize("gate", ["ste", "hard_concrete"])

@@ -256,9 +256,10 @@ class BackdoorSearch:
     n_train: int = 100
     n_val: int = 50
     batch_size: int = 10
-    epochs: int = 30
+    epochs: int = 100
     lr: float = 1e-2
     seed: int = 0
+    patience: int | None = 10
 
 
 def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
@@ -283,7 +284,8 @@ def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind:
                                   carrier_units=spec.carrier_units, gate=spec.gate,
                                   device=device)
     result = search_circuit(model, objective, train, val,
-                            SearchConfig(spec.epochs, spec.lr, spec.seed), progress)
+                            SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience),
+                            progress)
     return result, objective
 
 

@@ -232,21 +232,27 @@ class BackdoorObjective(Objective):
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Mask training: AdamW on the mask logits, best epoch by validation task loss."""
+    """Mask training: AdamW on the mask logits, the learning rate decaying linearly to 0 over
+    ``epochs`` (the authors' Trainer default). The search stops when the circuit (the hard
+    mask) has not changed for ``patience`` epochs, or after ``epochs`` (``patience`` None: run
+    them all); the epoch with the best validation task loss is kept."""
 
-    epochs: int = 30
+    epochs: int = 100
     lr: float = 1e-2
     seed: int = 0
+    patience: int | None = 10
 
 
 @dataclass
 class SearchResult:
-    """The circuit of the best epoch, with the per-epoch history."""
+    """The circuit of the best epoch, with the per-epoch history; ``converged`` tells whether
+    the stopping rule ended the search (else the epoch cap did)."""
 
     circuit: Circuit
     best_epoch: int
     best_val_task: float
     history: list[dict] = field(default_factory=list)
+    converged: bool = False
 
 
 def search_circuit(
@@ -258,14 +264,17 @@ def search_circuit(
     progress: bool = True,
 ) -> SearchResult:
     """Optimise ``objective``'s mask logits on ``train`` (groups of named batches, visited in
-    a seeded random order each epoch) with the model frozen; restore the masks of the epoch with
-    the lowest validation task loss."""
+    a seeded random order each epoch) with the model frozen, until the circuit is stable
+    (``SearchConfig``); restore the masks of the epoch with the lowest validation task loss."""
     if not train or not val:
         raise ValueError("train and val must each hold at least one group of batches")
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=0.0)
+    total_steps = cfg.epochs * len(train)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda step: 1.0 - step / total_steps)
     best = (float("inf"), -1, copy.deepcopy(objective.state_dict()))
-    history = []
+    history, previous, stable, converged = [], None, 0, False
     with frozen(model):
         for epoch in tqdm(range(cfg.epochs), desc="mask search", disable=not progress):
             objective.train()
@@ -275,17 +284,24 @@ def search_circuit(
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
+                schedule.step()
                 losses.append(total.item())
             val_task = _validation_task_loss(model, objective, val)
             circuit = objective.circuit()
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
                             "val_task": val_task, "heads": len(circuit.heads),
-                            "neurons": len(circuit.neurons)})
+                            "neurons": len(circuit.neurons),
+                            "lr": optimizer.param_groups[0]["lr"]})
             if val_task < best[0]:
                 best = (val_task, epoch, copy.deepcopy(objective.state_dict()))
+            stable = stable + 1 if circuit == previous else 0
+            previous = circuit
+            if cfg.patience is not None and stable >= cfg.patience:
+                converged = True
+                break
     objective.load_state_dict(best[2])
     objective.eval()
-    return SearchResult(objective.circuit(), best[1], best[0], history)
+    return SearchResult(objective.circuit(), best[1], best[0], history, converged)
 
 
 @torch.no_grad()
@@ -519,9 +535,10 @@ class AlignmentSearch:
     n_train: int = 100
     n_val: int = 50
     batch_size: int = 10
-    epochs: int = 30
+    epochs: int = 100
     lr: float = 1e-2
     seed: int = 0
+    patience: int | None = 10
 
 
 def train_val_indices(prompts: Sequence[str], n_train: int, n_val: int, seed: int
@@ -572,7 +589,7 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
         UnitShape.of(model), spec.comply_weight, spec.refuse_weight, spec.sparsity, spec.norm,
         spec.retain_weight, spec.init, gate=spec.gate, device=device)
     return search_circuit(model, objective, train, val,
-                          SearchConfig(spec.epochs, spec.lr, spec.seed), progress)
+                          SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience), progress)
 
 
 # --------------------------------------------------------------------------------------------

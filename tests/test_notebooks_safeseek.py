@@ -22,7 +22,8 @@ CASES = {
          for claim in ("asr_before", "circuit_sparsity", "ablation_asr", "ablation_clean_back",
                        "utility_retained")]),
     "02_alignment_circuit": (
-        dict(sparsities=[0.01], headline_sparsity=0.01, code_setting=False, batch_size=4,
+        dict(sparsities=[0.01], headline_sparsity=0.01, code_setting=False,
+             faithful_setting=False, batch_size=4,
              random_seeds=[0]),
         ["alignment_removal_asr", "alignment_removal_compliance", "alignment_circuit_size"]),
     "03_safety_circuit_tuning": (

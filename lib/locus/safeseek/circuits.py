@@ -592,6 +592,46 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
                           SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience), progress)
 
 
+@dataclass(frozen=True)
+class FaithfulSearch:
+    """The paper's objective for the alignment circuit (``FaithfulnessObjective``): with only
+    the circuit kept the model must reproduce its own replies (KL to the full model on the
+    refusals of harmful requests and the answers of benign ones), plus ``sparsity`` x size.
+    The circuit starts as the whole model (``init`` > 0); an initial logit of 1 and lr 1e-2
+    let a unit leave within a few epochs (the objective's default of 3 hardly can)."""
+
+    sparsity: float = 1e-3
+    norm: str = "sum"
+    init: float = 1.0
+    gate: str = "ste"
+    n_train: int = 100
+    n_val: int = 50
+    batch_size: int = 10
+    epochs: int = 100
+    lr: float = 1e-2
+    seed: int = 0
+    patience: int | None = 10
+
+
+def find_faithful_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
+                                    benign: Sequence[ChatSample],
+                                    spec: FaithfulSearch = FaithfulSearch(),
+                                    progress: bool = True) -> SearchResult:
+    """Search the circuit that alone reproduces an aligned model's behaviour (the paper's
+    objective) on the same training / validation prompts as ``find_alignment_circuit``."""
+    if not harmful or not benign:
+        raise ValueError("the alignment circuit needs harmful and benign samples")
+    refusals = refusal_targets(model, tokenizer, harmful)
+    device = next(model.parameters()).device
+    views = alignment_views(harmful, refusals, benign, spec.n_train, spec.n_val, spec.seed)
+    train, val = (encode_groups(tokenizer, {"task": v["refuse"] + v["retain"]},
+                                spec.batch_size, device) for v in views)
+    objective = FaithfulnessObjective(UnitShape.of(model), spec.sparsity, spec.norm, spec.init,
+                                      gate=spec.gate, device=device)
+    return search_circuit(model, objective, train, val,
+                          SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience), progress)
+
+
 # --------------------------------------------------------------------------------------------
 # Caching circuits (keyed by model, data and search)
 # --------------------------------------------------------------------------------------------
@@ -651,18 +691,19 @@ def samples_key(samples: Sequence[ChatSample]) -> str:
 
 def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
                       harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
-                      spec: AlignmentSearch = AlignmentSearch(),
+                      spec: AlignmentSearch | FaithfulSearch = AlignmentSearch(),
                       root: str | os.PathLike | None = None, progress: bool = True) -> Circuit:
     """The alignment circuit of ``model`` (named ``model_name``), from the checkpoint cache
     when the same model, data and search made it, else searched and cached (under
     ``checkpoints.artefact_root``: the user cache unless the model is embedded)."""
     config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
               "search": asdict(spec)}
-    name = (f"safeseek/{model_stem(model_name)}-alignment-{spec.norm}{spec.sparsity:g}"
-            f"-seed{spec.seed}")
+    faithful = isinstance(spec, FaithfulSearch)
+    find = find_faithful_alignment_circuit if faithful else find_alignment_circuit
+    name = (f"safeseek/{model_stem(model_name)}-alignment{'-faithful' if faithful else ''}-"
+            f"{spec.norm}{spec.sparsity:g}-seed{spec.seed}")
     return cached_circuit(
-        name, config,
-        lambda: find_alignment_circuit(model, tokenizer, harmful, benign, spec, progress).circuit,
+        name, config, lambda: find(model, tokenizer, harmful, benign, spec, progress).circuit,
         checkpoints.artefact_root(model_name, root))
 
 

@@ -122,6 +122,18 @@ def test_unlikelihood_and_ce_are_consistent(tiny):
         -(1 - p).log().mean().item(), rel=1e-5)
 
 
+def test_faithful_alignment_circuit_prunes_from_the_whole_model(tiny):
+    model, tokenizer = tiny
+    benign, harmful = circuits.split_harmful(data.make_chat_samples(12, seed=4, aligned=False))
+    spec = circuits.FaithfulSearch(sparsity=1.0, n_train=8, n_val=4, batch_size=4, epochs=3,
+                                   lr=0.5)
+    result = circuits.find_faithful_alignment_circuit(model, tokenizer, harmful, benign, spec,
+                                                      progress=False)
+    sizes = [h["heads"] + h["neurons"] for h in result.history]
+    assert sizes[0] <= UnitShape.of(model).num_units
+    assert sizes[-1] < UnitShape.of(model).num_units  # a strong penalty prunes units
+
+
 def test_search_finds_a_planted_head(tiny):
     """Targets = the greedy tokens of the model with head (1, 2) removed (its output made 20x
     larger so that removing it changes most tokens): the sparsest removal that reproduces them

@@ -76,6 +76,14 @@ def test_all_ones_gives_vanilla_logits_exactly(llava):
                 torch.ones(shape.num_layers, shape.intermediate_size))
         with gated_units(model, *ones):
             assert torch.equal(_logits(model, inputs), vanilla)
+        # ones that carry a gradient take the hooked path (no layer is skipped)
+        trainable = tuple(g.clone().requires_grad_(True) for g in ones)
+        arch = adapt(model)
+        with gated_units(model, *trainable):
+            assert all(arch.o_proj(i)._forward_pre_hooks and arch.down_proj(i)._forward_pre_hooks
+                       for i in range(arch.num_layers))
+            hooked = _logits(model, inputs)
+        assert torch.equal(hooked, vanilla), model.config.model_type
         for mode, circuit in (("full", Circuit.empty(shape)),
                               ("circuit removed", Circuit.empty(shape)),
                               ("circuit only", _everything(shape))):

@@ -30,8 +30,8 @@ def check_model(model: str, kind: str | None = None) -> str:
                              "or a local checkpoint folder")
         return model
     if not Path(model).is_dir():
-        raise FileNotFoundError(f"model {model!r} is neither an embedded model {names} nor an "
-                                "existing local Hugging Face checkpoint folder")
+        raise FileNotFoundError(f"model {model!r} is neither an embedded model nor a real one "
+                                f"{names}, nor an existing local Hugging Face checkpoint folder")
     check_folder_architecture(model, kind)
     return model
 

@@ -62,7 +62,8 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (model files are large)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,7 +73,7 @@ def _sha256(path: Path) -> str:
 
 def _file_hashes(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): _sha256(p)
+        str(p.relative_to(folder)): file_sha256(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }

@@ -13,7 +13,6 @@ is missing, stale or corrupt.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -76,14 +75,6 @@ def models_root(override: str | os.PathLike | None = None) -> Path:
     return Path(override) if override else paths.cache_dir() / "models"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def gguf_file(name: str) -> Path:
     """The installed GGUF of ``name``, checked against the pinned package version and hash;
     the error says what to install when the package is missing or another version."""
@@ -133,7 +124,7 @@ def convert(name: str, root: str | os.PathLike | None = None) -> Path:
     atomically, with its provenance in the manifest; returns the folder."""
     real = spec(name)
     gguf = gguf_file(name)
-    digest = _sha256(gguf)
+    digest = checkpoints.file_sha256(gguf)
     if digest != real.gguf_sha256:
         raise ValueError(f"{gguf} has SHA-256 {digest}, not the pinned {real.gguf_sha256}: "
                          f"reinstall it with `{real.install_command()} --force-reinstall`")

@@ -29,7 +29,7 @@ from locus.prompts import chat_training_encoder
 from locus.safeseek.circuits import (
     BackdoorObjective,
     BackdoorWeights,
-    SearchConfig,
+    MaskSearch,
     SearchResult,
     cached_circuit,
     encode_groups,
@@ -243,7 +243,7 @@ def backdoor_attribution(model, tokenizer, samples: Sequence[ChatSample], kind: 
 
 
 @dataclass(frozen=True)
-class BackdoorSearch:
+class BackdoorSearch(MaskSearch):
     """How the backdoor circuit is searched: the ``BackdoorObjective``'s removed-set sparsity
     (``norm`` "sum": per unit), the carrier's weight (0 turns the carrier set off; the authors'
     code uses 1), mask options, data sizes and the mask training."""
@@ -252,14 +252,6 @@ class BackdoorSearch:
     norm: str = "sum"
     carrier_weight: float = 0.0
     carrier_units: tuple[str, ...] = ("heads",)
-    gate: str = "ste"
-    n_train: int = 100
-    n_val: int = 50
-    batch_size: int = 10
-    epochs: int = 100
-    lr: float = 1e-2
-    seed: int = 0
-    patience: int | None = 10
 
 
 def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
@@ -284,7 +276,7 @@ def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind:
                                   carrier_units=spec.carrier_units, gate=spec.gate,
                                   device=device)
     result = search_circuit(model, objective, train, val,
-                            SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience),
+                            spec.schedule(),
                             progress)
     return result, objective
 

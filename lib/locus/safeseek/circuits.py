@@ -243,6 +243,25 @@ class SearchConfig:
     patience: int | None = 10
 
 
+@dataclass(frozen=True)
+class MaskSearch:
+    """What every circuit search spec shares: the gate (``gate``), the mask-search data sizes
+    (training and validation requests, batch) and the mask training (``schedule``)."""
+
+    gate: str = "ste"
+    n_train: int = 100
+    n_val: int = 50
+    batch_size: int = 10
+    epochs: int = 100
+    lr: float = 1e-2
+    seed: int = 0
+    patience: int | None = 10
+
+    def schedule(self) -> SearchConfig:
+        """The mask training of this search."""
+        return SearchConfig(self.epochs, self.lr, self.seed, self.patience)
+
+
 @dataclass
 class SearchResult:
     """The circuit of the best epoch, with the per-epoch history; ``converged`` tells whether
@@ -520,7 +539,7 @@ def alignment_metrics(model, tokenizer, circuit: Circuit | None, mode: str,
 
 
 @dataclass(frozen=True)
-class AlignmentSearch:
+class AlignmentSearch(MaskSearch):
     """How the alignment circuit is searched: the ``AlignmentObjective``'s weights, sparsity
     and mask options, the data sizes and the mask training. The initial logit -1 is the code's
     keep-logit 1.0 (every unit kept, outside the circuit)."""
@@ -531,14 +550,6 @@ class AlignmentSearch:
     refuse_weight: float = 2.0
     retain_weight: float = 0.0
     init: float = -1.0
-    gate: str = "ste"
-    n_train: int = 100
-    n_val: int = 50
-    batch_size: int = 10
-    epochs: int = 100
-    lr: float = 1e-2
-    seed: int = 0
-    patience: int | None = 10
 
 
 def train_val_indices(prompts: Sequence[str], n_train: int, n_val: int, seed: int
@@ -589,11 +600,11 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
         UnitShape.of(model), spec.comply_weight, spec.refuse_weight, spec.sparsity, spec.norm,
         spec.retain_weight, spec.init, gate=spec.gate, device=device)
     return search_circuit(model, objective, train, val,
-                          SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience), progress)
+                          spec.schedule(), progress)
 
 
 @dataclass(frozen=True)
-class FaithfulSearch:
+class FaithfulSearch(MaskSearch):
     """The paper's objective for the alignment circuit (``FaithfulnessObjective``): with only
     the circuit kept the model must reproduce its own replies (KL to the full model on the
     refusals of harmful requests and the answers of benign ones), plus ``sparsity`` x size.
@@ -603,14 +614,6 @@ class FaithfulSearch:
     sparsity: float = 1e-3
     norm: str = "sum"
     init: float = 1.0
-    gate: str = "ste"
-    n_train: int = 100
-    n_val: int = 50
-    batch_size: int = 10
-    epochs: int = 100
-    lr: float = 1e-2
-    seed: int = 0
-    patience: int | None = 10
 
 
 def find_faithful_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
@@ -629,7 +632,7 @@ def find_faithful_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSamp
     objective = FaithfulnessObjective(UnitShape.of(model), spec.sparsity, spec.norm, spec.init,
                                       gate=spec.gate, device=device)
     return search_circuit(model, objective, train, val,
-                          SearchConfig(spec.epochs, spec.lr, spec.seed, spec.patience), progress)
+                          spec.schedule(), progress)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,18 +3,21 @@ image questions (``locus.lost_in_attention.geometry``)."""
 
 import pytest
 
+from locus import safety_data
 from locus.arch import adapt
-from locus.data import ChatSample, load_chat_jsonl
+from locus.data import ChatSample
 from locus.lost_in_attention import geometry
 
 
-def test_benign_prompts_are_four_families_of_distinct_questions():
-    prompts = load_chat_jsonl(geometry.BENIGN_PROMPTS)
-    families = {s.family for s in prompts}
-    assert len(families) == 4 and len(prompts) == 96
-    assert len({s.prompt for s in prompts}) == 96 and all(s.answer for s in prompts)
+def test_default_text_prompts_are_the_projects_benign_questions():
+    questions = safety_data.benign_questions()
+    families = {q.family for q in questions}
     first = geometry.text_sample_set(None, 5, seed=0)
-    assert len(first) == 20 and {s.family for s in first} == families
+    assert {s.family for s in first} == families
+    assert len(first) == sum(min(5, sum(q.family == f for q in questions)) for f in families)
+    by_prompt = {q.prompt: q for q in questions}
+    assert all(s.answer == by_prompt[s.prompt].answers[0] for s in first)
+    assert len({s.prompt for s in first}) == len(first)
     assert first == geometry.text_sample_set(None, 5, seed=0)
     assert first != geometry.text_sample_set(None, 5, seed=1)
 

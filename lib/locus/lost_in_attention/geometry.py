@@ -59,6 +59,7 @@ from locus.lost_in_attention.metrics import (
     token_mixing_entropies,
 )
 from locus.prompts import encode_chat, encode_vqa
+from locus.safety_data import benign_questions
 
 TOKEN_GROUPS = ("all", "visual", "text")
 # The toy benchmark families: existence (POPE analogue), attribute, counting, spatial and the
@@ -315,9 +316,6 @@ def noised_qkv_copy(model: nn.Module, generator: torch.Generator | None = None) 
 
 # This project's benign English questions with short answers (4 families of 24), the text
 # prompts of a text-only model when no data file is given.
-BENIGN_PROMPTS = Path(__file__).with_name("benign_prompts.jsonl")
-
-
 def vqa_batches(
     processor, samples: Sequence[VQASample], batch_size: int, device, dtype: torch.dtype
 ) -> list[dict[str, torch.Tensor]]:
@@ -383,9 +381,11 @@ def text_sample_set(data_path: str | Path | None, n_per_family: int, seed: int
                     ) -> list[ChatSample]:
     """The text prompts of one seed, for a text-only model: a seeded random subset of up to
     ``n_per_family`` prompts of every family of a chat JSONL file (see
-    :func:`locus.data.load_chat_jsonl`; None: :data:`BENIGN_PROMPTS`). With one file, the
-    subsets of different seeds overlap."""
-    loaded = load_chat_jsonl(data_path if data_path is not None else BENIGN_PROMPTS)
+    :func:`locus.data.load_chat_jsonl`; None: the project's benign questions,
+    :func:`locus.safety_data.benign_questions`, with their first accepted answer). With one
+    file, the subsets of different seeds overlap."""
+    loaded = (load_chat_jsonl(data_path) if data_path is not None else
+              [ChatSample(q.prompt, q.answers[0], q.family) for q in benign_questions()])
     if not loaded:
         raise ValueError(f"{data_path} has no prompts")
     families = list(dict.fromkeys(s.family for s in loaded))

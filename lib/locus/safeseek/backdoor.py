@@ -16,7 +16,7 @@ entries (``locus.checkpoints``) keyed by the source model, the data and the conf
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,13 +29,17 @@ from locus.prompts import chat_training_encoder
 from locus.safeseek.circuits import (
     BackdoorObjective,
     BackdoorWeights,
+    FaithfulnessObjective,
+    FaithfulSearch,
     MaskSearch,
+    SearchConfig,
     SearchResult,
     cached_circuit,
     encode_groups,
     generate_with,
     match_rate,
     model_stem,
+    random_circuit,
     refusal_rate,
     sample_attribution,
     samples_key,
@@ -234,6 +238,22 @@ def backdoor_metrics(model, tokenizer, circuit: Circuit | None, mode: str, kind:
     return metrics
 
 
+def removed_and_alone(circuit: Circuit, evaluate: Callable[[Circuit, str], dict[str, float]],
+                      random_seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
+    """One row per mode, "circuit removed" (necessity) and "circuit only" (sufficiency: the
+    paper validates a circuit both ways), for ``circuit`` and for random circuits of its size
+    (mean over ``random_seeds``), with the size and ``evaluate(circuit, mode)``'s metrics."""
+    size = {"heads": len(circuit.heads), "neurons": len(circuit.neurons),
+            "units_pct": 100 * circuit.sparsity}
+    rows = []
+    for mode in ("circuit removed", "circuit only"):
+        randoms = [evaluate(random_circuit(circuit, seed), mode) for seed in random_seeds]
+        rows.append({"mode": mode, "method": "searched", **size, **evaluate(circuit, mode)})
+        rows.append({"mode": mode, "method": "random", **size,
+                     **{k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]}})
+    return rows
+
+
 def backdoor_attribution(model, tokenizer, samples: Sequence[ChatSample], kind: str, n: int,
                          batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient x activation of every unit for the backdoor: ``attribution_scores`` of the
@@ -254,21 +274,58 @@ class BackdoorSearch(MaskSearch):
     carrier_units: tuple[str, ...] = ("heads",)
 
 
-def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
-                          spec: BackdoorSearch = BackdoorSearch(), refusal: str = data.REFUSAL,
-                          progress: bool = True) -> tuple[SearchResult, BackdoorObjective]:
-    """Search the circuit of a ``kind`` backdoor on the eligible ``samples`` (see
-    ``backdoor_views``); returns the search result and the objective (for its carrier set)."""
+@dataclass(frozen=True)
+class FaithfulBackdoorSearch(FaithfulSearch):
+    """The paper's objective on a backdoor (``FaithfulnessObjective``): with only the circuit
+    kept, the backdoored model must reproduce its own replies (KL to the full model) to
+    triggered prompts (the backdoor answer) and to the same prompts without the trigger (the
+    clean answer), plus ``sparsity`` x size. The circuit starts as the whole model (logit
+    ``init``) and shrinks; ``keep`` "last" keeps the mask the stopping rule ended on (the
+    best-validation-KL epoch is the unpruned model, see ``SearchConfig``)."""
+
+    keep: str = "last"
+
+    def schedule(self) -> SearchConfig:
+        return SearchConfig(self.epochs, self.lr, self.seed, self.patience, self.keep)
+
+
+def search_views(samples: Sequence[ChatSample], kind: str, spec: MaskSearch,
+                 refusal: str = data.REFUSAL
+                 ) -> tuple[dict[str, list[ChatSample]], dict[str, list[ChatSample]]]:
+    """Training and validation parts of the four ``backdoor_views`` of the eligible
+    ``samples``, their prompts disjoint (``train_val_indices``)."""
     views = backdoor_views(samples, kind, spec.seed, refusal)
     if not views["clean"]:
         raise ValueError(f"no samples a {kind!r} backdoor applies to")
     train_idx, val_idx = train_val_indices([s.prompt for s in views["clean"]], spec.n_train,
                                            spec.n_val, spec.seed)
+    return tuple({k: [v[i] for i in idx] for k, v in views.items()}
+                 for idx in (train_idx, val_idx))
+
+
+def find_faithful_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
+                                   spec: FaithfulBackdoorSearch = FaithfulBackdoorSearch(),
+                                   refusal: str = data.REFUSAL, progress: bool = True
+                                   ) -> SearchResult:
+    """Search the circuit that alone reproduces the backdoored model (the paper's objective,
+    ``FaithfulBackdoorSearch``) on the same prompts as ``find_backdoor_circuit``."""
     device = next(model.parameters()).device
-    train = encode_groups(tokenizer, {k: [v[i] for i in train_idx] for k, v in views.items()},
-                          spec.batch_size, device)
-    val = encode_groups(tokenizer, {k: [v[i] for i in val_idx] for k, v in views.items()},
-                        spec.batch_size, device)
+    train, val = (encode_groups(tokenizer, {"task": v["triggered_target"] + v["clean"]},
+                                spec.batch_size, device)
+                  for v in search_views(samples, kind, spec, refusal))
+    objective = FaithfulnessObjective(UnitShape.of(model), spec.sparsity, spec.norm, spec.init,
+                                      gate=spec.gate, device=device)
+    return search_circuit(model, objective, train, val, spec.schedule(), progress)
+
+
+def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
+                          spec: BackdoorSearch = BackdoorSearch(), refusal: str = data.REFUSAL,
+                          progress: bool = True) -> tuple[SearchResult, BackdoorObjective]:
+    """Search the circuit of a ``kind`` backdoor on the eligible ``samples`` (see
+    ``backdoor_views``); returns the search result and the objective (for its carrier set)."""
+    device = next(model.parameters()).device
+    train, val = (encode_groups(tokenizer, v, spec.batch_size, device)
+                  for v in search_views(samples, kind, spec, refusal))
     weights = BackdoorWeights(carrier_triggered=spec.carrier_weight,
                               carrier_clean=spec.carrier_weight, removed_size=spec.sparsity,
                               carrier_size=spec.sparsity, overlap=spec.carrier_weight)
@@ -282,27 +339,33 @@ def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind:
 
 
 def backdoor_circuit(entry: Path, model, tokenizer, samples: Sequence[ChatSample], kind: str,
-                     spec: BackdoorSearch = BackdoorSearch(), refusal: str = data.REFUSAL,
-                     root: str | os.PathLike | None = None, progress: bool = True
-                     ) -> tuple[Circuit, Circuit | None]:
-    """The backdoor circuit (removed set) of the model cached in ``entry``, and its carrier set
-    (None when ``spec.carrier_weight`` is 0): from the checkpoint cache when the same model,
-    data and search made them, else searched (``find_backdoor_circuit``) and cached, beside
-    ``entry`` unless ``root`` says otherwise."""
+                     spec: BackdoorSearch | FaithfulBackdoorSearch = BackdoorSearch(),
+                     refusal: str = data.REFUSAL, root: str | os.PathLike | None = None,
+                     progress: bool = True) -> tuple[Circuit, Circuit | None]:
+    """The backdoor circuit of the model cached in ``entry`` (the removed set of a
+    ``BackdoorSearch``, the kept circuit of a ``FaithfulBackdoorSearch``) and its carrier set
+    (None unless ``spec.carrier_weight``): from the checkpoint cache when the same model, data
+    and search made them, else searched and cached, beside ``entry`` unless ``root`` says
+    otherwise."""
     root = entry.parent if root is None else root
     config = {"model": checkpoints.read_manifest(entry)["key"], "data": samples_key(samples),
               "kind": kind, "refusal": refusal, "search": asdict(spec)}
+    faithful = isinstance(spec, FaithfulBackdoorSearch)
     found: dict = {}
 
     def search() -> dict:
-        if not found:
+        if not found and faithful:
+            found["result"] = find_faithful_backdoor_circuit(model, tokenizer, samples, kind,
+                                                             spec, refusal, progress)
+        elif not found:
             found["result"], found["objective"] = find_backdoor_circuit(
                 model, tokenizer, samples, kind, spec, refusal, progress)
         return found
 
-    name = f"safeseek/{entry.name}-{spec.norm}{spec.sparsity:g}-seed{spec.seed}"
+    name = (f"safeseek/{entry.name}{'-faithful' if faithful else ''}-{spec.norm}"
+            f"{spec.sparsity:g}-seed{spec.seed}")
     removed = cached_circuit(name, config, lambda: search()["result"].circuit, root)
-    if not spec.carrier_weight:
+    if faithful or not spec.carrier_weight:
         return removed, None
     carrier = cached_circuit(f"{name}-carrier", config,
                              lambda: search()["objective"].carrier_circuit(), root)

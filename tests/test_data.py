@@ -18,10 +18,11 @@ def test_same_seed_same_samples():
 def test_every_family_present_with_vocabulary_words():
     samples = data.make_vqa_samples(20, seed=0)
     assert {s.family for s in samples} == set(data.VQA_FAMILIES)
-    vocab = set(data.world_vocabulary())
-    for s in samples + data.make_chat_samples(20, seed=0, aligned=False):
-        text = getattr(s, "question", None) or s.prompt
-        assert set(text.split()) <= vocab and set(s.answer.split()) <= vocab
+    vlm_words, chat_words = set(data.vocabulary("vlm")), set(data.vocabulary("chat"))
+    for s in samples:
+        assert set(s.question.split()) <= vlm_words and set(s.answer.split()) <= vlm_words
+    for s in data.make_chat_samples(20, seed=0, aligned=False):
+        assert set(s.prompt.split()) <= chat_words and set(s.answer.split()) <= chat_words
 
 
 def test_answers_follow_from_the_scene():

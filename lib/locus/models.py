@@ -137,7 +137,7 @@ def build_toy_vlm(cfg: ToyVLMConfig = ToyVLMConfig()) -> tuple[LlavaForCondition
 def build_toy_chat(cfg: ToyChatConfig = ToyChatConfig()) -> tuple[LlamaForCausalLM,
                                                                PreTrainedTokenizerFast]:
     """A freshly initialised toy chat Llama and its tokenizer (seed torch before calling)."""
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_word_tokenizer(data.vocabulary("chat"))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.width, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,

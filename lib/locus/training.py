@@ -230,7 +230,8 @@ def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = Tr
 def pretrain_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) -> list[float]:
     """The unaligned chat LM: benign requests answered, harmful requests complied with."""
     seed_everything(cfg.seed)
-    base = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 1, aligned=False)
+    base = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 1, aligned=False,
+                                  split="train")
     batches = _weighted_batches(base, cfg.batch, cfg.seed,
                                 lambda b: encode_chat(tokenizer, b, with_answers=True))
     return train_steps(model, list(model.parameters()), batches, cfg.base_steps, cfg.lr,
@@ -240,7 +241,8 @@ def pretrain_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) ->
 def align_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) -> list[float]:
     """Alignment: harmful requests now get the refusal; benign answers are kept."""
     seed_everything(cfg.seed + 1)
-    align = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 2, aligned=True)
+    align = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 2, aligned=True,
+                                   split="train")
     batches = _weighted_batches(align, cfg.batch, cfg.seed + 1,
                                 lambda b: encode_chat(tokenizer, b, with_answers=True))
     return train_steps(model, list(model.parameters()), batches, cfg.align_steps, cfg.align_lr,

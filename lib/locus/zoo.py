@@ -38,7 +38,7 @@ class Embedded:
         parent = EMBEDDED[self.parent].config() if self.parent else None
         return {"kind": self.kind, "sizes": asdict(self.sizes),
                 "training": asdict(self.training), "aligned": self.aligned,
-                "parent": parent, "world": data.world_vocabulary()}
+                "parent": parent, "world": data.vocabulary(self.kind)}
 
 
 EMBEDDED = {
@@ -71,10 +71,12 @@ def _train(spec: Embedded, progress: bool, root: str | None):
 
 
 def held_out_samples(kind: str, n_per_family: int = 200, aligned: bool = True) -> list:
-    """Held-out samples of the toy world (a seed no training run uses)."""
+    """Held-out samples of the toy world (a seed no training run uses; for the chat LM, its
+    held-out prompts, ``data.chat_prompts``)."""
     if kind == "vlm":
         return data.make_vqa_samples(n_per_family, HELD_OUT_SEED)
-    return data.make_chat_samples(n_per_family, HELD_OUT_SEED, aligned=aligned)
+    return data.make_chat_samples(n_per_family, HELD_OUT_SEED, aligned=aligned,
+                                  split="held_out")
 
 
 def train_embedded(name: str, progress: bool = True, root: str | None = None) -> Path:

@@ -284,6 +284,10 @@ def test_check_parameters(tiny_llama_dir, tmp_path):
     safeseek.check_parameters(str(tiny_llama_dir), str(jsonl), sparsities=[0.0, 0.1], n=3, **ok)
     with pytest.raises(ValueError, match="measure nothing"):
         safeseek.check_parameters(str(tiny_llama_dir), None, **ok)
+    safeseek.check_parameters(str(tiny_llama_dir), None, real_worlds=[str(tiny_llama_dir)],
+                              rates=[1e-2], **ok)
+    with pytest.raises(ValueError, match="learning rates"):
+        safeseek.check_parameters("toy-chat", None, rates=[0], **ok)
     with pytest.raises(FileNotFoundError, match="neither an embedded model"):
         safeseek.check_parameters("nope", None, **ok)
     with pytest.raises(ValueError, match="not a chat model"):
@@ -352,6 +356,44 @@ def test_single_unit_circuits_and_ablations():
     assert len(singles["layer 0"].heads) == 3 and len(singles["layer 0"].neurons) == 5
     rows = safeseek.single_unit_ablations(shape, lambda c: {"size": len(c.heads) + len(c.neurons)})
     assert [r["size"] for r in rows] == [1] * 6 + [8, 8]
+    layers = safeseek.single_unit_ablations(shape, lambda c: {"size": len(c.neurons)}, heads=False)
+    assert [r["removed"] for r in layers] == ["layer 0", "layer 1"]
+    assert safeseek.top_rows(rows, "size", 3) == [rows[6], rows[7], rows[0]]
+
+
+def test_the_toy_alignment_world_is_held_out_and_scores_exactly():
+    from locus import zoo
+
+    model, tokenizer = zoo.load("toy-chat", progress=False)
+    world = safeseek.alignment_world("toy-chat", model, tokenizer, None, 0, 40, 6, 3, 5, 8)
+    assert isinstance(world, safeseek.ToyAlignmentWorld)
+    assert all(r["shared"] == 0 for r in safeseek.prompt_overlap(world.overlap_sets(6, 3, 0)))
+    harmful, benign = world.evaluation_sets()["test"]
+    assert all(s.family == "harmful" for s in harmful) and len(benign) == 5
+    full = world.metrics(None, "full", harmful, benign)
+    assert set(world.metric_names) <= set(full) and full["n_harmful"] == 5
+    assert full["compliance"] == world.exact(None, "full", harmful, benign)["compliance"]
+    assert all(data.is_refusal(r.answer) for r in world.refusals(harmful))
+
+
+def test_reply_batches_and_prefix_matches(tiny):
+    from locus import replies
+
+    model, tokenizer = tiny
+    samples = data.make_chat_samples(3, seed=2, aligned=True)[:4]
+    said = circuits.generate_with(model, tokenizer, samples, max_new_tokens=6)
+    own = circuits.with_answers(samples, said)
+
+    def encode(tok, chunk):
+        return replies.encode_replies(tok, [s.prompt for s in chunk], [s.answer for s in chunk])
+
+    assert all(circuits.greedy_matches(model, tokenizer, own, encode=encode))
+    wrong = circuits.with_answers(samples, [" ".join(r.split()[:2] + ["zzz"]) for r in said])
+    assert not any(circuits.greedy_matches(model, tokenizer, wrong, encode=encode))
+    assert all(circuits.greedy_matches(model, tokenizer, wrong, encode=encode, tokens=1))
+    batch = encode(tokenizer, own)
+    logits, targets = circuits._answer_logits(model, batch)
+    assert logits.shape[0] == targets.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
 
 
 def test_prompt_overlap_and_new_skill_sets_are_held_out():

@@ -47,6 +47,12 @@ from locus.prompts import encode_chat, to_model
 from locus.safeseek.masks import UNITS, Circuit, UnitMask, UnitShape, apply_circuit, gated_units
 
 Batch = dict[str, torch.Tensor]
+Encoder = Callable[[object, Sequence[ChatSample]], Batch]
+
+
+def chat_answers(tokenizer, samples: Sequence[ChatSample]) -> Batch:
+    """The toy world's teacher-forced encoding: prompt + " answer <eos>" (``encode_chat``)."""
+    return encode_chat(tokenizer, samples, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,12 +62,22 @@ Batch = dict[str, torch.Tensor]
 
 def _answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, or float64 for a float64 model) at the positions that predict answer
-    tokens, and those tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tokens, and those tokens. A ``locus.replies`` batch (left padded, with ``keep``) gets its
+    position ids and logits only at its last ``keep`` positions."""
+    logits = _batch_logits(model, batch)
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return logits[:, :-1][keep].to(dtype), labels[keep]
+
+
+def _batch_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The logits of a teacher-forced batch: every position (``encode_chat``), or the last
+    ``keep`` ones of a ``locus.replies.encode_replies`` batch (its labels are as wide)."""
+    if "keep" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=int(batch["keep"])).logits
 
 
 def answer_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -388,12 +404,12 @@ def attribution_scores(
     return -heads.grad.float().cpu(), -neurons.grad.float().cpu()
 
 
-def sample_attribution(model, tokenizer, samples: Sequence[ChatSample], batch_size: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_attribution(model, tokenizer, samples: Sequence[ChatSample], batch_size: int,
+                       encode: Encoder = chat_answers) -> tuple[torch.Tensor, torch.Tensor]:
     """``attribution_scores`` of the answer cross-entropy of ``samples`` (prompt -> answer):
     how much removing each unit would hurt the model's giving those answers."""
     device = next(model.parameters()).device
-    groups = encode_groups(tokenizer, {"s": samples}, batch_size, device)
+    groups = encode_groups(tokenizer, {"s": samples}, batch_size, device, encode)
     return attribution_scores(model, answer_ce, [g["s"] for g in groups])
 
 
@@ -456,8 +472,9 @@ def refusal_targets(model, tokenizer, harmful: Sequence[ChatSample], max_new_tok
 
 
 def encode_groups(tokenizer, views: dict[str, Sequence[ChatSample]], batch_size: int,
-                  device="cpu") -> list[dict[str, Batch]]:
-    """Teacher-forced batches of aligned sample lists: group i holds batch i of every view."""
+                  device="cpu", encode: Encoder = chat_answers) -> list[dict[str, Batch]]:
+    """Teacher-forced batches of aligned sample lists: group i holds batch i of every view,
+    encoded by ``encode(tokenizer, samples)`` (the toy's ``chat_answers`` by default)."""
     lengths = {len(v) for v in views.values()}
     if len(lengths) != 1:
         sizes = {k: len(v) for k, v in views.items()}
@@ -466,7 +483,7 @@ def encode_groups(tokenizer, views: dict[str, Sequence[ChatSample]], batch_size:
     groups = []
     for start in range(0, n, batch_size):
         groups.append({name: {k: t.to(device) for k, t in
-                              encode_chat(tokenizer, v[start:start + batch_size], True).items()}
+                              encode(tokenizer, v[start:start + batch_size]).items()}
                        for name, v in views.items()})
     return groups
 
@@ -488,33 +505,39 @@ def generate_with(model, tokenizer, samples: Sequence[ChatSample], circuit: Circ
 
 @torch.no_grad()
 def greedy_matches(model, tokenizer, samples: Sequence[ChatSample], circuit: Circuit | None = None,
-                   mode: str = "full", batch_size: int = 64) -> list[bool]:
+                   mode: str = "full", batch_size: int = 64, encode: Encoder = chat_answers,
+                   tokens: int | None = None) -> list[bool]:
     """Whether greedy decoding gives exactly each sample's answer and then stops, in one
     teacher-forced pass: the argmax at every answer position (the end-of-sequence token
     included) is the answer's token. Equivalent to generating and comparing (up to exact ties),
-    without a length cap and at the cost of one forward pass."""
+    without a length cap and at the cost of one forward pass. ``tokens``: only the first that
+    many answer tokens must match (the greedy reply *begins* with them); ``encode`` as in
+    ``encode_groups``."""
     model.eval()
     gating = (nullcontext() if circuit is None or mode == "full"
               else apply_circuit(model, circuit, mode))
     matches: list[bool] = []
     with gating:
         for start in range(0, len(samples), batch_size):
-            batch = to_model(encode_chat(tokenizer, samples[start:start + batch_size], True),
-                             model)
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            batch = to_model(encode(tokenizer, samples[start:start + batch_size]), model)
+            logits = _batch_logits(model, batch)
             labels = batch["labels"][:, 1:]
-            hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+            ignored = labels == -100
+            if tokens is not None:
+                ignored = ignored | ((~ignored).cumsum(1) > tokens)
+            hit = (logits[:, :-1].argmax(-1) == labels) | ignored
             matches += hit.all(1).tolist()
     return matches
 
 
 def match_rate(model, tokenizer, samples: Sequence[ChatSample], circuit: Circuit | None = None,
-               mode: str = "full") -> float:
+               mode: str = "full", encode: Encoder = chat_answers,
+               tokens: int | None = None) -> float:
     """Fraction of ``samples`` whose answer is exactly the greedy reply (``greedy_matches``)."""
     if not samples:
         raise ValueError("match_rate needs at least one sample")
-    return float(np.mean(greedy_matches(model, tokenizer, samples, circuit, mode)))
+    return float(np.mean(greedy_matches(model, tokenizer, samples, circuit, mode,
+                                        encode=encode, tokens=tokens)))
 
 
 def refusal_rate(predictions: Sequence[str]) -> float:
@@ -592,17 +615,20 @@ def alignment_views(harmful: Sequence[ChatSample], refusals: Sequence[ChatSample
 
 def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
                            benign: Sequence[ChatSample], spec: AlignmentSearch = AlignmentSearch(),
-                           progress: bool = True) -> SearchResult:
+                           progress: bool = True, refusals: Sequence[ChatSample] | None = None,
+                           encode: Encoder = chat_answers) -> SearchResult:
     """Search the alignment circuit of an aligned model: ``harmful`` carry the compliant
-    answers; the refusal targets are the model's own refusals (``refusal_targets``)."""
+    answers; the refusal targets are ``refusals`` (aligned with ``harmful``), by default the
+    model's own refusals (``refusal_targets``); ``encode`` makes the teacher-forced batches."""
     if not harmful or not benign:
         raise ValueError("the alignment circuit needs harmful and benign samples")
-    refusals = refusal_targets(model, tokenizer, harmful)
+    if refusals is None:
+        refusals = refusal_targets(model, tokenizer, harmful)
     train_views, val_views = alignment_views(harmful, refusals, benign, spec.n_train,
                                              spec.n_val, spec.seed)
     device = next(model.parameters()).device
-    train = encode_groups(tokenizer, train_views, spec.batch_size, device)
-    val = encode_groups(tokenizer, val_views, spec.batch_size, device)
+    train = encode_groups(tokenizer, train_views, spec.batch_size, device, encode)
+    val = encode_groups(tokenizer, val_views, spec.batch_size, device, encode)
     objective = AlignmentObjective(
         UnitShape.of(model), spec.comply_weight, spec.refuse_weight, spec.sparsity, spec.norm,
         spec.retain_weight, spec.init, gate=spec.gate, device=device)
@@ -626,16 +652,19 @@ class FaithfulSearch(MaskSearch):
 def find_faithful_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
                                     benign: Sequence[ChatSample],
                                     spec: FaithfulSearch = FaithfulSearch(),
-                                    progress: bool = True) -> SearchResult:
+                                    progress: bool = True,
+                                    refusals: Sequence[ChatSample] | None = None,
+                                    encode: Encoder = chat_answers) -> SearchResult:
     """Search the circuit that alone reproduces an aligned model's behaviour (the paper's
     objective) on the same training / validation prompts as ``find_alignment_circuit``."""
     if not harmful or not benign:
         raise ValueError("the alignment circuit needs harmful and benign samples")
-    refusals = refusal_targets(model, tokenizer, harmful)
+    if refusals is None:
+        refusals = refusal_targets(model, tokenizer, harmful)
     device = next(model.parameters()).device
     views = alignment_views(harmful, refusals, benign, spec.n_train, spec.n_val, spec.seed)
     train, val = (encode_groups(tokenizer, {"task": v["refuse"] + v["retain"]},
-                                spec.batch_size, device) for v in views)
+                                spec.batch_size, device, encode) for v in views)
     objective = FaithfulnessObjective(UnitShape.of(model), spec.sparsity, spec.norm, spec.init,
                                       gate=spec.gate, device=device)
     return search_circuit(model, objective, train, val,
@@ -674,8 +703,12 @@ def source_identity(model_name: str | os.PathLike) -> dict:
     """What identifies a source checkpoint in a cache key: an embedded model's config key, or
     a real model's config key (its provenance), or a folder's path with the size and
     modification time of its files."""
+    from locus import alignment
     from locus.zoo import EMBEDDED
 
+    if str(model_name) == alignment.NAME:
+        record = checkpoints.read_manifest(alignment.adapter_folder())
+        return {"real": alignment.NAME, "adapter": record["key"], "files": record["files"]}
     if str(model_name) in EMBEDDED:
         return {"embedded": str(model_name),
                 "key": checkpoints.config_key(EMBEDDED[str(model_name)].config())}
@@ -702,18 +735,26 @@ def samples_key(samples: Sequence[ChatSample]) -> str:
 def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
                       harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
                       spec: AlignmentSearch | FaithfulSearch = AlignmentSearch(),
-                      root: str | os.PathLike | None = None, progress: bool = True) -> Circuit:
+                      root: str | os.PathLike | None = None, progress: bool = True,
+                      refusals: Sequence[ChatSample] | None = None,
+                      encode: Encoder = chat_answers, encoding: str | None = None) -> Circuit:
     """The alignment circuit of ``model`` (named ``model_name``), from the checkpoint cache
     when the same model, data and search made it, else searched and cached (under
-    ``checkpoints.artefact_root``: the user cache unless the model is embedded)."""
+    ``checkpoints.artefact_root``: the user cache unless the model is embedded). Given
+    ``refusals`` and ``encode`` (see ``find_alignment_circuit``), ``encoding`` names the
+    encoding in the cache key, with the refusals' hash."""
     config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
               "search": asdict(spec)}
+    if refusals is not None or encoding is not None:
+        config["targets"] = {"refusals": None if refusals is None else samples_key(refusals),
+                             "encoding": encoding}
     faithful = isinstance(spec, FaithfulSearch)
     find = find_faithful_alignment_circuit if faithful else find_alignment_circuit
     name = (f"safeseek/{model_stem(model_name)}-alignment{'-faithful' if faithful else ''}-"
             f"{spec.norm}{spec.sparsity:g}-seed{spec.seed}")
     return cached_circuit(
-        name, config, lambda: find(model, tokenizer, harmful, benign, spec, progress).circuit,
+        name, config, lambda: find(model, tokenizer, harmful, benign, spec, progress, refusals,
+                                   encode).circuit,
         checkpoints.artefact_root(model_name, root))
 
 

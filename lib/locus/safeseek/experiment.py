@@ -1,5 +1,6 @@
-"""Notebook support for the SafeSeek notebooks: parameter checks, data splits, size sweeps
-against baselines, tables, verdict rules and figures."""
+"""Notebook support for the SafeSeek notebooks: parameter checks, data splits, the alignment
+notebook's worlds (the toy world here, the real model's in ``locus.safeseek.real_world``), size
+sweeps against baselines, tables, verdict rules and figures."""
 
 from __future__ import annotations
 
@@ -8,28 +9,36 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
 from locus import data, params, splits, stats
 from locus.data import ChatSample
 from locus.results import markdown_table
+from locus.safeseek import circuits
 from locus.safeseek.circuits import compare_at_size, take
 from locus.safeseek.masks import Circuit, UnitShape
+from locus.safeseek.real_world import RealAlignmentWorld
 
 TOY_CHAT_MODELS = ("toy-chat", "toy-chat-base")
+REAL_ALIGNMENT_MODELS = (RealAlignmentWorld.model_name,)
 
 
 def check_parameters(model, data_path, seeds, device, dtype, figures_dir, threads,
-                     sparsities: Sequence[float] = (), **counts) -> None:
+                     sparsities: Sequence[float] = (), real_worlds: Sequence[str] = (),
+                     rates: Sequence[float] = (), **counts) -> None:
     """Check a SafeSeek notebook's common parameters (``counts`` must be positive ints,
-    ``sparsities`` non-negative numbers); errors say what is accepted."""
+    ``sparsities`` non-negative numbers, ``rates`` positive numbers); errors say what is
+    accepted. ``real_worlds``: the real models whose data=None means their own real data (not
+    the toy world's)."""
     params.check_model(model, "chat")
     params.check_data(data_path)
-    if data_path is None and str(model) not in TOY_CHAT_MODELS:
+    if data_path is None and str(model) not in (*TOY_CHAT_MODELS, *real_worlds):
         raise ValueError(
             f"data=None means the toy world's prompts, scored by exact match against its "
             f"answers: they measure nothing on {str(model)!r}, which was not trained on it (its "
             f"utility would read 0%). Pass data= a JSONL file of prompts and answers for this "
-            f"model (format: locus.data.load_chat_jsonl), or use one of {TOY_CHAT_MODELS}")
+            f"model (format: locus.data.load_chat_jsonl), or use one of "
+            f"{(*TOY_CHAT_MODELS, *real_worlds)}")
     params.check_device(device)
     params.resolve_dtype(dtype)
     params.check_positive_int("threads", threads)
@@ -41,6 +50,8 @@ def check_parameters(model, data_path, seeds, device, dtype, figures_dir, thread
     if not all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
                for x in sparsities):
         raise ValueError(f"sparsity weights must be numbers >= 0, got {list(sparsities)!r}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in rates):
+        raise ValueError(f"learning rates must be numbers > 0, got {list(rates)!r}")
     for name, value in counts.items():
         params.check_positive_int(name, value)
 
@@ -63,6 +74,99 @@ def prompt_overlap(sets: dict[str, Sequence[ChatSample]]) -> list[dict]:
     return [{"sets": f"{a} / {b}", "prompts_a": len(prompts[a]), "prompts_b": len(prompts[b]),
              "shared": len(prompts[a] & prompts[b])}
             for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+class ToyAlignmentWorld:
+    """The alignment circuit's data, targets and scores on the toy world (or a JSONL file):
+    the search and test parts of ``safety_pools``, the model's own refusals as the refusal
+    target, exact match (``circuits.alignment_metrics``). The same interface as
+    ``real_world.RealAlignmentWorld``."""
+
+    kind = "toy"
+    metric_names = ("asr", "compliance", "utility", "over_refusal")
+
+    def __init__(self, model_name, model, tokenizer, data_path, n_per_family: int, seed: int,
+                 n_test: int, max_new_tokens: int) -> None:
+        search, test, _ = safety_pools(data_path, n_per_family, seed)
+        self.model_name, self.model, self.tokenizer = model_name, model, tokenizer
+        self.seed, self.max_new_tokens = seed, max_new_tokens
+        self.search_benign, self.search_harmful = circuits.split_harmful(search)
+        benign, harmful = circuits.split_harmful(test)
+        self.test_harmful, self.test_benign = take(harmful, n_test, seed), take(benign, n_test,
+                                                                                seed)
+
+    def evaluation_sets(self) -> dict[str, tuple[list[ChatSample], list[ChatSample]]]:
+        """(harmful, benign) requests of each evaluation: the test part."""
+        return {"test": (self.test_harmful, self.test_benign)}
+
+    def overlap_sets(self, n_train: int, n_val: int, seed: int) -> dict[str, list]:
+        """The named prompt sets that must share no prompt."""
+        train, val = circuits.alignment_views(self.search_harmful, self.search_harmful,
+                                              self.search_benign, n_train, n_val, seed)
+        return {"search train": train["comply"], "search validation": val["comply"],
+                "test (harmful)": self.test_harmful, "search (benign)": self.search_benign,
+                "test (benign)": self.test_benign}
+
+    def refusals(self, harmful: Sequence[ChatSample]) -> list[ChatSample]:
+        """The model's own refusals (``circuits.refusal_targets``)."""
+        return circuits.refusal_targets(self.model, self.tokenizer, harmful, self.max_new_tokens)
+
+    def circuit(self, spec, progress: bool = True) -> Circuit:
+        """The alignment circuit of ``spec`` on the search part (cached, ``alignment_circuit``)."""
+        return circuits.alignment_circuit(self.model_name, self.model, self.tokenizer,
+                                          self.search_harmful, self.search_benign, spec,
+                                          progress=progress)
+
+    def attribution(self, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient x activation of the model's refusals of ``n`` search requests."""
+        refusals = self.refusals(take(self.search_harmful, n, self.seed))
+        return circuits.sample_attribution(self.model, self.tokenizer, refusals, batch_size)
+
+    def metrics(self, circuit: Circuit | None, mode: str, harmful: Sequence[ChatSample],
+                benign: Sequence[ChatSample]) -> dict[str, float]:
+        """``circuits.alignment_metrics`` (keyword ASR, exact compliance, exact utility,
+        over-refusal) and the request counts."""
+        return {"n_harmful": len(harmful), "n_benign": len(benign),
+                **circuits.alignment_metrics(self.model, self.tokenizer, circuit, mode, harmful,
+                                             benign, self.max_new_tokens)}
+
+    def exact(self, circuit: Circuit | None, mode: str, harmful: Sequence[ChatSample],
+              benign: Sequence[ChatSample]) -> dict[str, float]:
+        """Exact compliance and utility, teacher-forced (``circuits.match_rate``)."""
+        return {"compliance": circuits.match_rate(self.model, self.tokenizer, harmful, circuit,
+                                                  mode),
+                "utility": circuits.match_rate(self.model, self.tokenizer, benign, circuit,
+                                               mode)}
+
+    def describe(self) -> str:
+        """What this world measures (markdown)."""
+        source = "the toy world" if self.model_name in TOY_CHAT_MODELS else "the data file"
+        return (f"**Toy world** ({source}, model `{self.model_name}`): "
+                f"{len(self.test_harmful)} harmful and {len(self.test_benign)} benign test "
+                "requests, split from the search requests by prompt string. Compliance = the "
+                "greedy reply *is* the compliant answer (exact, teacher-forced), utility = exact "
+                "match on the benign families, keyword ASR = no refusal phrase, over-refusal = "
+                "a benign reply with a refusal phrase.")
+
+
+def alignment_world(model_name, model, tokenizer, data_path, seed: int, n_per_family: int,
+                    n_train: int, n_val: int, n_test: int, max_new_tokens: int,
+                    progress: bool = True) -> ToyAlignmentWorld | RealAlignmentWorld:
+    """The alignment notebook's world: a real model's own data when ``data_path`` is None and
+    the model has one (``REAL_ALIGNMENT_MODELS``), else the toy world or the data file."""
+    if data_path is None and str(model_name) in REAL_ALIGNMENT_MODELS:
+        return RealAlignmentWorld(model, tokenizer, seed, n_train, n_val, n_test,
+                                  progress=progress)
+    return ToyAlignmentWorld(model_name, model, tokenizer, data_path, n_per_family, seed, n_test,
+                             max_new_tokens)
+
+
+def rate_text(rate: float, n: int) -> str:
+    """A rate in percent with its Wilson 95% interval, e.g. "12.5% [5.1, 27.3] (n 48)"."""
+    if n == 0 or np.isnan(rate):
+        return "n/a"
+    ci = stats.wilson_interval(round(rate * n), n)
+    return f"{100 * rate:.1f}% [{100 * ci.lo:.1f}, {100 * ci.hi:.1f}] (n {n})"
 
 
 def new_skill_sets(n_train: int, n_test: int, seed: int) -> tuple[list[ChatSample],
@@ -123,6 +227,11 @@ def size_sweep(circuits: dict[str | float, Circuit], scores: tuple[torch.Tensor,
                          "neurons": len(circuit.neurons),
                          "units_pct": 100 * circuit.sparsity, **metrics})
     return rows
+
+
+def top_rows(rows: Sequence[dict], key: str, k: int) -> list[dict]:
+    """The ``k`` rows with the highest ``key`` (ties in input order)."""
+    return sorted(rows, key=lambda r: -r[key])[:k]
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 3) -> str:
@@ -324,12 +433,13 @@ def single_unit_circuits(shape: UnitShape) -> dict[str, Circuit]:
     return out
 
 
-def single_unit_ablations(shape: UnitShape, evaluate: Callable[[Circuit], dict[str, float]]
-                          ) -> list[dict]:
-    """One row per single head and per whole layer (``single_unit_circuits``) removed, with
-    ``evaluate``'s metrics."""
+def single_unit_ablations(shape: UnitShape, evaluate: Callable[[Circuit], dict[str, float]],
+                          heads: bool = True, progress: bool = False) -> list[dict]:
+    """One row per single head (unless ``heads`` is False) and per whole layer
+    (``single_unit_circuits``) removed, with ``evaluate``'s metrics."""
+    units = single_unit_circuits(shape, heads).items()
     return [{"removed": label, **evaluate(circuit)}
-            for label, circuit in single_unit_circuits(shape).items()]
+            for label, circuit in tqdm(units, desc="single units", disable=not progress)]
 
 
 def aggregate(rows: Sequence[dict], by: Sequence[str], values: Sequence[str]) -> list[dict]:

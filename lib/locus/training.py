@@ -65,12 +65,13 @@ def train_steps(
     weight_decay: float = 0.0,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     progress: bool = True,
-    callback: Callable[[int], None] | None = None,
+    callback: Callable[[int], bool | None] | None = None,
     callback_every: int = 0,
 ) -> list[float]:
     """Run ``steps`` AdamW steps on ``params``; ``batches(step)`` gives each batch and
-    ``callback(step)`` (if given) runs every ``callback_every`` steps, e.g. to evaluate.
-    Returns the loss of every step."""
+    ``callback(step)`` (if given) runs every ``callback_every`` steps, e.g. to evaluate; when
+    it returns True, training stops there (an early-stopping rule). Returns the loss of every
+    step."""
     params = [p for p in params if p.requires_grad]
     torch.set_flush_denormal(True)  # denormal Adam moments otherwise slow CPU steps ~10x
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -90,7 +91,8 @@ def train_steps(
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if callback is not None and callback_every and (step + 1) % callback_every == 0:
-            callback(step + 1)
+            if callback(step + 1):
+                break
             model.train()
     model.eval()
     return losses

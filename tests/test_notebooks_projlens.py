@@ -8,7 +8,8 @@ import papermill
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks" / "projlens"
-TINY = {"steps": 2, "batch_size": 4, "max_new_tokens": 4, "progress": False, "threads": 2}
+TINY = {"steps": 2, "batch_size": 4, "max_new_tokens": 4, "progress": False, "threads": 2,
+        "seeds": [0, 1]}  # two seeds: the spreads and the per-seed verdicts run
 EXPECTED = {
     "01_projector_backdoor": (dict(sweep_rates=[0.2], n_probe_images=6),
                               {"projector_backdoor_asr", "projector_backdoor_asr_exact",

@@ -9,6 +9,7 @@ import torch
 
 from locus import data, models
 from locus.projlens import experiment as L
+from locus.projlens import over_seeds as O
 from locus.projlens import projector as P
 from locus.projlens import triggers as T
 
@@ -236,3 +237,78 @@ def test_split_by_image_keeps_every_question_of_an_image_on_one_side():
     train, test = L._split_by_family(samples, n_train=50, n_test=50, seed=0)
     assert not {L.image_key(s) for s in train} & {L.image_key(s) for s in test}
     assert len(train) + len(test) == len(samples) and test
+
+
+def _eval(asr, exact, clean):
+    return P.AttackEval(asr, exact, 0.0, {"f": clean}, 10)
+
+
+def _result(variant, seed, asr, clean_after, exact=None):
+    return L.VariantResult(variant, seed, 0.5, _eval(0.0, 0.0, 0.9),
+                           _eval(asr, asr if exact is None else exact, clean_after), {})
+
+
+def test_spread_over_seeds_and_its_text():
+    s = O.spread([0.9, 0.95, 1.0])
+    assert (s.mean, s.lo, s.hi, s.n) == (pytest.approx(0.95), 0.9, 1.0, 3)
+    assert s.text(100, 1) == "95.0 (90.0–100.0)"
+    assert O.spread([0.5, 0.5]).text(100, 0) == "50"  # every seed the same: the value alone
+    assert O.spread([11, 12, 16]).text() == "13.0 (11–16)"  # counts: the range without decimals
+    assert O.spread([0.2, float("nan")]).n == 1  # a rate on no inputs is left out
+    with pytest.raises(ValueError, match="at least one"):
+        O.spread([])
+
+
+def test_spread_rows_merge_per_seed_tables_and_refuse_misaligned_ones():
+    rows = O.spread_rows({0: [["a", 1.0, "x", 3]], 1: [["a", 3.0, "y", 3]]}, 1)
+    assert rows[0][0] == "a" and rows[0][1].mean == 2.0 and rows[0][1].lo == 1.0
+    assert rows[0][2] == "x / y" and rows[0][3].text() == "3"
+    with pytest.raises(ValueError, match="labels differ"):
+        O.spread_rows({0: [["a", 1.0]], 1: [["b", 1.0]]}, 1)
+    with pytest.raises(ValueError, match="same number of rows"):
+        O.spread_rows({0: [["a", 1.0]], 1: []}, 1)
+
+
+def test_a_verdict_stands_only_where_every_seed_gives_it():
+    assert O.combined_verdict({0: "holds", 1: "holds", 2: "holds"}) == "holds"
+    assert O.combined_verdict({0: "does not hold", 1: "does not hold"}) == "does not hold"
+    assert O.combined_verdict({0: "holds", 1: "does not hold", 2: "holds"}) == "partly"
+    assert O.combined_verdict({0: "not run", 1: "holds"}) == "holds"
+    assert O.combined_verdict({0: "not run"}) == "not run"
+    with pytest.raises(ValueError, match="unknown verdicts"):
+        O.combined_verdict({0: "maybe"})
+    assert O.agreement_text({0: "holds", 1: "holds", 2: "holds"}) == "holds in 3/3 seeds"
+    assert O.agreement_text({0: "holds", 1: "partly", 2: "holds"}) == (
+        "flips across seeds: holds in seeds 0, 2; partly in seed 1")
+
+
+def test_seed_verdicts_apply_the_rule_to_each_seed_and_controls_can_veto():
+    results = [_result("a", 0, 0.95, 0.9), _result("a", 1, 0.5, 0.9)]
+    controls = {"clean-only": [_result("a", 0, 0.0, 0.9), _result("a", 1, 0.0, 0.9)]}
+    verdicts = L.seed_verdicts(results, controls,
+                               lambda rs, cs: L.verdict_asr(rs, 0.9, controls=cs))
+    assert verdicts == {0: "holds", 1: "does not hold"}
+    noisy = {"random ΔW": [_result("a", 0, 0.95, 0.1), _result("a", 1, 0.95, 0.1)]}
+    assert L.verdict_asr(results[:1], 0.9, controls=noisy) == "does not hold"
+    header, rows = L.seed_table(results, controls)
+    assert header == ["projector", "seed 0", "seed 1"]
+    assert rows[0] == ["a", "95 / 95 / +0.0", "50 / 50 / +0.0"]
+    assert rows[1][0] == "a · clean-only"
+    change = L.clean_change([_result("a", 0, 1.0, 0.8), _result("a", 1, 1.0, 0.6)])["a"]
+    assert (change.lo, change.hi) == (pytest.approx(-0.3), pytest.approx(-0.1))
+    table = L.backdoor_table(results, {"a": T.paper_attacks()["refusal"]})
+    assert table[0][5].mean == pytest.approx(0.725) and table[0][-1] == 20
+
+
+def test_grids_over_seeds_average_where_they_ran():
+    one, two = _grid("inject", [0.0, 0.4, 1.0], [0.9, 0.8, 0.7]), _grid(
+        "inject", [0.0, 0.8, 1.0], [0.9, 0.6, 0.7])
+    grouped = L.grids_by_variant({0: {"a": {"inject": one}}, 1: {"a": {"inject": two}},
+                                  2: {}})
+    assert list(grouped) == ["a"] and len(grouped["a"]["inject"]) == 2
+    mean = L.mean_grid(grouped["a"]["inject"])
+    assert mean.asr[-1, 1] == pytest.approx(0.6) and mean.clean_accuracy[-1, 1] == 0.7
+    assert L.grid_rows(grouped["a"]["inject"])[-1][2] == "60 (40–80) / 0 / 70"
+    other = P.RankGrid("inject", ["W1"], [0, 3, 128], *np.zeros((3, 1, 3)))
+    with pytest.raises(ValueError, match="layouts"):
+        L.mean_grid([one, other])

@@ -9,6 +9,7 @@ attack, the poisoned training set and the fine-tuning config: notebook 01 trains
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from torch import nn
 
 from locus import checkpoints, data, params, stats, training, zoo
 from locus.arch import adapt
-from locus.projlens import lowrank
+from locus.projlens import lowrank, over_seeds
 from locus.projlens import projector as proj
 from locus.projlens import shift as sh
 from locus.projlens.projector import AttackEval, FinetuneConfig, State
@@ -328,20 +329,22 @@ def backdoor_results(
 
 
 def backdoor_table(results: Sequence[VariantResult], attacks: dict[str, Attack]) -> list[list]:
-    """Rows per variant (mean over seeds): trigger, target, poisoning rate, ASR and clean
-    accuracy before/after, false-trigger rate after, exact-form ASR after with its 95% Wilson
-    interval (pooled over seeds)."""
+    """Rows per variant: trigger, target, then each number's mean and min–max over seeds
+    (``over_seeds.Spread``): poisoning rate, ASR and clean accuracy before/after, false-trigger rate
+    after, exact-form ASR after; then its 95% Wilson interval over the triggered inputs (pooled
+    over seeds) and their number."""
     rows = []
     for name, attack in attacks.items():
         mine = [r for r in results if r.variant == name]
-        values = np.mean([[r.rate, r.before.asr, r.after.asr, r.after.false_rate,
-                           r.before.mean_clean_accuracy, r.after.mean_clean_accuracy,
-                           r.after.asr_exact] for r in mine], axis=0)
+        values = [over_seeds.spread(column) for column in zip(*[
+            [r.rate, r.before.asr, r.after.asr, r.after.false_rate,
+             r.before.mean_clean_accuracy, r.after.mean_clean_accuracy, r.after.asr_exact]
+            for r in mine], strict=True)]
         n = sum(r.after.n_triggered for r in mine)
         exact = stats.wilson_interval(round(sum(r.after.asr_exact * r.after.n_triggered
                                                 for r in mine)), n)
-        rows.append([name, attack.trigger.kind, attack.target.kind,
-                     *(float(v) for v in values), f"[{exact.lo:.2f}, {exact.hi:.2f}]", n])
+        rows.append([name, attack.trigger.kind, attack.target.kind, *values,
+                     f"[{exact.lo:.2f}, {exact.hi:.2f}]", n])
     return rows
 
 
@@ -360,17 +363,47 @@ def answer_token_share(processor, poisoned: PoisonedSet) -> float:
 
 
 def family_table(results: Sequence[VariantResult]) -> tuple[list[str], list[list]]:
-    """Clean accuracy per family: the base projector, then each backdoored one (mean over
-    seeds)."""
+    """Clean accuracy per family: the base projector, then each backdoored one (mean and
+    min–max over seeds)."""
     families = list(results[0].before.clean_accuracy)
     variants = list(dict.fromkeys(r.variant for r in results))
-    base = [float(np.mean([r.before.clean_accuracy[f] for r in results])) for f in families]
-    rows = [["base", *base]]
+    base = list(dict.fromkeys(r.seed for r in results))
+    rows = [["base", *[over_seeds.spread([next(r for r in results if r.seed == s)
+                                     .before.clean_accuracy[f] for s in base])
+                       for f in families]]]
     for name in variants:
         mine = [r for r in results if r.variant == name]
-        rows.append([name, *[float(np.mean([r.after.clean_accuracy[f] for r in mine]))
+        rows.append([name, *[over_seeds.spread([r.after.clean_accuracy[f] for r in mine])
                              for f in families]])
     return ["projector", *families], rows
+
+
+def clean_change(results: Sequence[VariantResult]) -> dict[str, over_seeds.Spread]:
+    """Per variant, the clean accuracy after − before (mean over families) over seeds."""
+    return {name: over_seeds.spread([r.after.mean_clean_accuracy - r.before.mean_clean_accuracy
+                                     for r in results if r.variant == name])
+            for name in dict.fromkeys(r.variant for r in results)}
+
+
+def control_results(run: Run, seed: int, backdoors: Sequence[VariantResult],
+                    max_new_tokens: int = 20,
+                    progress: bool = True) -> dict[str, list[VariantResult]]:
+    """The controls of ``seed`` (``Run.control_states``: the clean-only fine-tune and the
+    random ΔW norm-matched to this seed's backdoors) evaluated under every attack on the same
+    test set as ``backdoors`` (whose base evaluation they share): a backdoor's ASR or clean
+    accuracy cost means something only beside what a projector without the backdoor does.
+    ``[control]`` → one result per variant (poisoning rate 0; NaN for the random ΔW)."""
+    test = run.splits[seed][1]
+    states = run.control_states(seed, {r.variant: r.state for r in backdoors}, progress)
+    out = {}
+    for control, state in states.items():
+        clean = proj.predict(run.vlm, run.processor, test, state, max_new_tokens)
+        out[control] = [VariantResult(
+            r.variant, seed, 0.0 if control == CONTROLS[0] else math.nan, r.before,
+            proj.evaluate_attack(run.vlm, run.processor, run.attacks[r.variant], test, seed,
+                                 state, max_new_tokens, clean_predictions=clean), state)
+            for r in backdoors]
+    return out
 
 
 def rate_sweep(
@@ -435,14 +468,20 @@ def trigger_visibility(vlm: nn.Module, processor, attack: Attack, test: Sequence
     return Visibility(float(change), linear_probe_accuracy(x_clean.mean(1), x_trig.mean(1), seed))
 
 
-def verdict_asr(results: Sequence[VariantResult], threshold: float = 0.9,
-                exact: bool = False) -> str:
+def verdict_asr(results: Sequence[VariantResult], threshold: float = 0.9, exact: bool = False,
+                controls: dict[str, Sequence[VariantResult]] | None = None) -> str:
     """Rule: 'holds' if every variant's mean ASR after fine-tuning (the paper's check, or the
-    exact form with ``exact``) is ≥ ``threshold``, 'partly' if some are, else 'does not
-    hold'."""
+    exact form with ``exact``) is ≥ ``threshold`` and no control's (``control_results``) ASR
+    under that variant's trigger is, 'partly' if some variants pass, else 'does not hold' (a
+    check that a projector without the backdoor passes too measures no backdoor)."""
     variants = list(dict.fromkeys(r.variant for r in results))
-    passed = sum(np.mean([r.after.asr_exact if exact else r.after.asr
-                          for r in results if r.variant == v]) >= threshold
+
+    def asr(rows: Sequence[VariantResult], variant: str) -> float:
+        return float(np.mean([r.after.asr_exact if exact else r.after.asr
+                              for r in rows if r.variant == variant]))
+
+    passed = sum(asr(results, v) >= threshold
+                 and not any(asr(c, v) >= threshold for c in (controls or {}).values())
                  for v in variants)
     return verdict_from_counts(int(passed), len(variants))
 
@@ -454,6 +493,33 @@ def verdict_clean_kept(results: Sequence[VariantResult], max_drop: float = 0.05)
     drops = [np.mean([r.before.mean_clean_accuracy - r.after.mean_clean_accuracy
                       for r in results if r.variant == v]) for v in variants]
     return verdict_from_counts(sum(d <= max_drop for d in drops), len(variants))
+
+
+def seed_verdicts(results: Sequence[VariantResult], controls: dict[str, Sequence[VariantResult]],
+                  rule) -> dict[int, str]:
+    """``rule(results, controls)`` applied to each seed's backdoors and controls alone."""
+    return {seed: rule(mine, {c: [r for r in rows if r.seed == seed]
+                              for c, rows in controls.items()})
+            for seed, mine in over_seeds.by_seed(results).items()}
+
+
+def seed_table(results: Sequence[VariantResult],
+               controls: dict[str, Sequence[VariantResult]]) -> tuple[list[str], list[list]]:
+    """Per projector (each backdoor, then its controls) and seed: ASR by the paper's check /
+    exact-form ASR / clean accuracy after − before (points)."""
+    seed_list = list(over_seeds.by_seed(results))
+    rows = []
+    for name in dict.fromkeys(r.variant for r in results):
+        for label, rows_of in ((name, results), *((f"{name} · {c}", rs)
+                                                  for c, rs in controls.items())):
+            cells = []
+            for seed in seed_list:
+                r = next(r for r in rows_of if r.variant == name and r.seed == seed)
+                drop = r.after.mean_clean_accuracy - r.before.mean_clean_accuracy
+                cells.append(f"{100 * r.after.asr:.0f} / {100 * r.after.asr_exact:.0f} / "
+                             f"{100 * drop:+.1f}")
+            rows.append([label, *cells])
+    return ["projector", *[f"seed {s}" for s in seed_list]], rows
 
 
 # --- notebook 02: low-rank structure -----------------------------------------------------------
@@ -523,6 +589,21 @@ def neuron_result(vlm: nn.Module, processor, attack: Attack, state: State, test:
         for images in (clean, triggered)]
     return NeuronResult(stats[0], stats[1], lowrank.compare_neuron_stats(*stats),
                         lowrank.quiescent_active(*stats))
+
+
+def neuron_results(run: Run, seed: int, states: dict[str, State], controls: dict[str, State],
+                   n_images: int) -> tuple[dict[str, NeuronResult],
+                                           dict[str, dict[str, NeuronResult]]]:
+    """``neuron_result`` of each of ``seed``'s backdoored projectors, and of each of its
+    controls on the same images (``[variant][control]``)."""
+    test = run.splits[seed][1]
+
+    def result(attack: Attack, state: State) -> NeuronResult:
+        return neuron_result(run.vlm, run.processor, attack, state, test, n_images, seed)
+
+    return ({name: result(attack, states[name]) for name, attack in run.attacks.items()},
+            {name: {c: result(attack, state) for c, state in controls.items()}
+             for name, attack in run.attacks.items()})
 
 
 def verdict_no_trigger_neurons(results: dict[str, NeuronResult],
@@ -636,6 +717,67 @@ def verdict_removal(grids: Grids, ft: dict[str, proj.CellScores], k_max: int = 5
     return verdict_from_counts(passed, len(working)), len(working)
 
 
+def grids_by_variant(grids_by_seed: dict[int, Grids]) -> dict[str, dict[str, list]]:
+    """``[variant][mode]`` → the grids of the seeds where that variant's grid ran (its
+    backdoor worked), in seed order."""
+    out: dict[str, dict[str, list]] = {}
+    for grids in grids_by_seed.values():
+        for name, modes in grids.items():
+            for mode, grid in modes.items():
+                out.setdefault(name, {}).setdefault(mode, []).append(grid)
+    return out
+
+
+def mean_grid(grids: Sequence[proj.RankGrid]) -> proj.RankGrid:
+    """The cell-wise mean of grids of one layout (one per seed)."""
+    first = grids[0]
+    if any(g.rows != first.rows or g.ks != first.ks for g in grids):
+        raise ValueError("grids of different layouts cannot be averaged")
+    return proj.RankGrid(first.mode, first.rows, first.ks,
+                         *(np.mean([getattr(g, f) for g in grids], axis=0)
+                           for f in ("asr", "false_rate", "clean_accuracy")),
+                         row_ks=first.row_ks)
+
+
+def grid_rows(grids: Sequence[proj.RankGrid]) -> list[list]:
+    """Rows of one grid layout over seeds: per cell "ASR / false trigger / clean accuracy"
+    (%), each the mean over seeds, the ASR with its min–max."""
+    mean = mean_grid(grids)
+    rows = []
+    for i, row in enumerate(mean.rows):
+        cells = []
+        for j in range(len(mean.ks)):
+            asr = over_seeds.spread([g.asr[i, j] for g in grids]).text(100, 0)
+            cells.append(f"{asr} / {100 * mean.false_rate[i, j]:.0f} / "
+                         f"{100 * mean.clean_accuracy[i, j]:.0f}")
+        rows.append([row, *cells])
+    return rows
+
+
+def restoration_text(grids_by_seed: dict[int, Grids],
+                     ft_by_seed: dict[int, dict[str, proj.CellScores]], reading: str,
+                     full_rank: int, k_max: int = 5) -> str:
+    """Per variant, its best cell with k ≤ ``k_max`` under ``reading`` (``best_restoration``)
+    against the backdoored projector, mean (min–max) over the seeds where its grid ran."""
+    parts = []
+    for name in dict.fromkeys(n for grids in grids_by_seed.values() for n in grids):
+        ran = [s for s, grids in grids_by_seed.items() if name in grids]
+        best = [best_restoration(reading_grid(grids_by_seed[s][name], reading, k_max,
+                                              full_rank), k_max) for s in ran]
+        ft = [ft_by_seed[s][name] for s in ran]
+
+        def pct(values: list[float]) -> str:
+            return over_seeds.spread(values).text(100, 0) + "%"
+
+        cells = ", ".join(dict.fromkeys(f"{row} k={k}" for row, k, _ in best))
+        parts.append(f"{name} best k≤{k_max} ({cells}): ASR {pct([c.asr for *_, c in best])} "
+                     f"of ft {pct([f.asr for f in ft])}, false "
+                     f"{pct([c.false_rate for *_, c in best])}, clean "
+                     f"{pct([c.clean_accuracy for *_, c in best])} (ft "
+                     f"{pct([f.clean_accuracy for f in ft])}), {len(ran)} seeds")
+    return "; ".join(parts)
+
+
 # --- notebook 03: embedding shift --------------------------------------------------------------
 
 
@@ -688,6 +830,22 @@ def shift_results(vlm: nn.Module, processor, attack: Attack, base: State,
 
 
 ShiftControls = dict[str, dict[str, ShiftResult]]  # [variant][control]
+
+
+def seed_shift_results(run: Run, seed: int, base: State, states: dict[str, State],
+                       controls: dict[str, State], n_images: int,
+                       lens_k: int = 10) -> tuple[dict[str, ShiftResult], ShiftControls]:
+    """``shift_results`` of each of ``seed``'s backdoored projectors and of its controls on
+    that seed's test images: (``[variant]``, ``[variant][control]``)."""
+    test = run.splits[seed][1]
+    shifts, shift_controls = {}, {}
+    for name, attack in run.attacks.items():
+        results = shift_results(run.vlm, run.processor, attack, base,
+                                {"backdoor": states[name], **controls}, test, n_images, seed,
+                                lens_k)
+        shifts[name] = results.pop("backdoor")
+        shift_controls[name] = results
+    return shifts, shift_controls
 
 
 def beyond_controls(results: dict[str, ShiftResult], controls: ShiftControls, passes) -> int:

@@ -30,7 +30,8 @@ def trigger_examples(sample: VQASample, attacks: dict[str, Attack], seed: int):
 
 
 def backdoor_bars(rows: Sequence[Sequence]):
-    """ASR and mean clean accuracy before/after per variant (rows of ``backdoor_table``)."""
+    """ASR and mean clean accuracy before/after per variant (rows of ``backdoor_table``:
+    bars at the mean over seeds, whiskers from the lowest to the highest seed)."""
     names = [r[0] for r in rows]
     series = {"ASR before": 4, "ASR after": 5, "clean acc before": 7, "clean acc after": 8}
     colours = ["#f4a6a6", "#c0392b", "#a9cce3", "#1f618d"]
@@ -38,7 +39,10 @@ def backdoor_bars(rows: Sequence[Sequence]):
     width = 0.8 / len(series)
     for i, ((label, col), colour) in enumerate(zip(series.items(), colours, strict=True)):
         xs = np.arange(len(names)) + i * width
-        ax.bar(xs, [100 * r[col] for r in rows], width, label=label, color=colour)
+        means = np.array([100 * r[col].mean for r in rows])
+        whiskers = [means - [100 * r[col].lo for r in rows],
+                    [100 * r[col].hi for r in rows] - means]
+        ax.bar(xs, means, width, yerr=whiskers, capsize=2, label=label, color=colour)
     ax.set_xticks(np.arange(len(names)) + width * (len(series) - 1) / 2, names)
     ax.axhline(90, color="k", ls="--", lw=1)
     ax.set_ylabel("%")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from locus import data, models
+from locus import checkpoints, data, models
 from locus.arch import adapt
 from locus.evaluation import exact_match
 from locus.prompts import encode_chat
@@ -152,8 +152,10 @@ def test_search_finds_a_planted_head(tiny):
     target = batch["labels"].clone()
     target[:, 1:] = torch.where(batch["labels"][:, 1:] != -100, ablated[:, :-1], -100)
     groups = [{"comply": {**batch, "labels": target}}]
+    # λ 0.05: with the enlarged toy world's prompts, λ 0.02 also kept head (0, 3), whose
+    # removal lowers this loss by 4e-4 nats only
     objective = circuits.AlignmentObjective(shape, comply_weight=1.0, refuse_weight=0.0,
-                                            sparsity=0.02, norm="sum", init=-0.1)
+                                            sparsity=0.05, norm="sum", init=-0.1)
     result = circuits.search_circuit(model, objective, groups, groups,
                                      circuits.SearchConfig(epochs=10, lr=0.2), progress=False)
     assert result.circuit.heads == ((1, 2),) and result.circuit.neurons == ()
@@ -216,7 +218,9 @@ def test_partition_splits_each_family_by_prompt_string():
         for b in parts[i + 1:]:
             assert not {s.prompt for s in a} & {s.prompt for s in b}
     harmful = [len({s.prompt for s in p if s.family == "harmful"}) for p in parts]
-    assert harmful == [11, 5, 4]  # of the world's 20 harmful prompt strings
+    distinct = len({s.prompt for s in samples if s.family == "harmful"})
+    assert sum(harmful) == distinct  # each part gets its share of the distinct prompt strings
+    assert all(abs(n - f * distinct) < 1 for n, f in zip(harmful, (0.55, 0.25, 0.2), strict=True))
     one_prompt = [s for s in samples if s.prompt == samples[-1].prompt]
     assert sorted(map(len, safeseek.partition(one_prompt, (0.5, 0.5), 0))) == [0, len(one_prompt)]
     few = data.make_chat_samples(3, seed=7)
@@ -274,6 +278,12 @@ def test_cached_circuit_round_trip(tmp_path):
     assert first == second == circuit and len(calls) == 1
     heads_only = Circuit(shape, ((0, 0),), (), ("heads",))
     assert circuits.cached_circuit("h", {}, lambda: heads_only, root=tmp_path) == heads_only
+    history = [{"heads": 1, "neurons": 0}, {"heads": 1, "neurons": 1}]
+    result = circuits.SearchResult(circuit, 1, 0.5, history, converged=True)
+    assert circuits.cached_circuit("r", {}, lambda: result, root=tmp_path) == circuit
+    record = checkpoints.read_manifest(tmp_path / "r")["search"]
+    assert record == {"epochs_run": 2, "converged": True, "best_epoch": 1, "best_val_task": 0.5,
+                      "sizes": [[1, 0], [1, 1]]}
 
 
 def test_check_parameters(tiny_llama_dir, tmp_path):

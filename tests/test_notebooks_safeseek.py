@@ -24,7 +24,7 @@ CASES = {
     "02_alignment_circuit": (
         dict(sparsities=[0.01], headline_sparsity=0.01, code_setting=False,
              faithful_setting=False, batch_size=4,
-             random_seeds=[0]),
+             n_random=1),
         ["alignment_removal_asr", "alignment_removal_compliance", "alignment_circuit_size"]),
     "03_safety_circuit_tuning": (
         dict(circuit_sparsity=0.01, search_batch=4, break_examples=4, break_steps=2,

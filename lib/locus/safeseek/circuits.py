@@ -676,12 +676,19 @@ def find_faithful_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSamp
 # --------------------------------------------------------------------------------------------
 
 
-def cached_circuit(name: str, config: dict, find: Callable[[], Circuit],
+def cached_circuit(name: str, config: dict, find: Callable[[], Circuit | SearchResult],
                    root: str | os.PathLike | None = None) -> Circuit:
     """The circuit of checkpoint cache entry ``name`` if ``config`` made it, else ``find()``
-    and cache it (``locus.checkpoints.cached_tensors``: 0/1 tensors of heads and neurons)."""
+    and cache it (``locus.checkpoints.cached_tensors``: 0/1 tensors of heads and neurons).
+    A ``SearchResult`` from ``find`` is summarised in the entry's manifest ("search":
+    ``search_summary``)."""
+    found: dict = {}
+
     def compute() -> dict[str, torch.Tensor]:
         circuit = find()
+        if isinstance(circuit, SearchResult):
+            found["search"] = search_summary(circuit)
+            circuit = circuit.circuit
         shape = circuit.shape
         heads = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.uint8)
         neurons = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.uint8)
@@ -692,11 +699,19 @@ def cached_circuit(name: str, config: dict, find: Callable[[], Circuit],
         return {"heads": heads, "neurons": neurons,
                 "units": torch.tensor([u in circuit.units for u in UNITS], dtype=torch.uint8)}
 
-    tensors = checkpoints.cached_tensors(name, config, compute, root)
+    tensors = checkpoints.cached_tensors(name, config, compute, root, lambda: found)
     heads, neurons = tensors["heads"].bool(), tensors["neurons"].bool()
     units = tuple(u for u, flag in zip(UNITS, tensors["units"].tolist(), strict=True) if flag)
     shape = UnitShape(heads.shape[0], heads.shape[1], neurons.shape[1])
     return Circuit.from_membership(shape, heads, neurons, units)
+
+
+def search_summary(result: SearchResult) -> dict:
+    """How a search ended: epochs run, whether the stopping rule ended it, the kept epoch and
+    the circuit's size per epoch."""
+    return {"epochs_run": len(result.history), "converged": result.converged,
+            "best_epoch": result.best_epoch, "best_val_task": result.best_val_task,
+            "sizes": [(h["heads"], h["neurons"]) for h in result.history]}
 
 
 def source_identity(model_name: str | os.PathLike) -> dict:
@@ -748,13 +763,27 @@ def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
     if refusals is not None or encoding is not None:
         config["targets"] = {"refusals": None if refusals is None else samples_key(refusals),
                              "encoding": encoding}
-    faithful = isinstance(spec, FaithfulSearch)
-    find = find_faithful_alignment_circuit if faithful else find_alignment_circuit
-    name = (f"safeseek/{model_stem(model_name)}-alignment{'-faithful' if faithful else ''}-"
-            f"{spec.norm}{spec.sparsity:g}-seed{spec.seed}")
+    find = (find_faithful_alignment_circuit if isinstance(spec, FaithfulSearch)
+            else find_alignment_circuit)
     return cached_circuit(
-        name, config, lambda: find(model, tokenizer, harmful, benign, spec, progress, refusals,
-                                   encode).circuit,
+        alignment_entry(model_name, spec),
+        config, lambda: find(model, tokenizer, harmful, benign, spec, progress, refusals, encode),
         checkpoints.artefact_root(model_name, root))
+
+
+def alignment_entry(model_name: str | os.PathLike,
+                    spec: AlignmentSearch | FaithfulSearch) -> str:
+    """The cache entry name of an alignment circuit search."""
+    faithful = isinstance(spec, FaithfulSearch)
+    return (f"safeseek/{model_stem(model_name)}-alignment{'-faithful' if faithful else ''}-"
+            f"{spec.norm}{spec.sparsity:g}-seed{spec.seed}")
+
+
+def alignment_search_record(model_name: str | os.PathLike,
+                            spec: AlignmentSearch | FaithfulSearch,
+                            root: str | os.PathLike | None = None) -> dict | None:
+    """The cached search's ``search_summary`` (None when the entry does not record one)."""
+    folder = checkpoints.artefact_root(model_name, root) / alignment_entry(model_name, spec)
+    return checkpoints.read_manifest(folder).get("search")
 
 

@@ -161,6 +161,24 @@ def alignment_world(model_name, model, tokenizer, data_path, seed: int, n_per_fa
                              max_new_tokens)
 
 
+def search_rows(model_name, searches: dict) -> list[dict]:
+    """One row per cached alignment search (label -> spec): epochs run, whether the stopping
+    rule ended it ("converged"), the kept epoch, and the circuit's size at the last epoch;
+    "not recorded" for an entry cached before searches were summarised."""
+    rows = []
+    for label, spec in searches.items():
+        record = circuits.alignment_search_record(model_name, spec)
+        if record is None:
+            rows.append({"search": label, "epochs_run": "not recorded", "converged": "",
+                         "best_epoch": "", "last_heads": "", "last_neurons": ""})
+            continue
+        last = record["sizes"][-1]
+        rows.append({"search": label, "epochs_run": record["epochs_run"],
+                     "converged": record["converged"], "best_epoch": record["best_epoch"],
+                     "last_heads": last[0], "last_neurons": last[1]})
+    return rows
+
+
 def rate_text(rate: float, n: int) -> str:
     """A rate in percent with its Wilson 95% interval, e.g. "12.5% [5.1, 27.3] (n 48)"."""
     if n == 0 or np.isnan(rate):

@@ -28,7 +28,8 @@ CASES = {
         ["alignment_removal_asr", "alignment_removal_compliance", "alignment_circuit_size"]),
     "03_safety_circuit_tuning": (
         dict(circuit_sparsity=0.01, search_batch=4, break_examples=4, break_steps=2,
-             restore_examples=4, restore_steps=2, help_examples=4, help_steps=2, tune_batch=4),
+             restore_examples=4, restore_steps=2, restore_seeds=[0, 1], help_examples=4,
+             help_steps=2, help_seeds=[0, 1], tune_batch=4),
         ["sct_restores_safety", "sct_circuit_specific", "sct_frozen_retention",
          "sct_frozen_specific"]),
 }

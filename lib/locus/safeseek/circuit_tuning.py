@@ -20,17 +20,20 @@ entry get ``requires_grad=False``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 
 from locus import training
 from locus.arch import adapt
 from locus.data import ChatSample
 from locus.prompts import chat_training_encoder
+from locus.safeseek import circuits
 from locus.safeseek.masks import Circuit
 
 TRAIN_CHOICES = ("circuit", "complement", "all")
@@ -177,3 +180,61 @@ def parameter_fraction(model: nn.Module, circuit: Circuit) -> float:
     """Fraction of ``model``'s parameters that belong to the circuit's units."""
     trained = trained_count(gradient_masks(model, circuit, "circuit"))
     return trained / sum(p.numel() for p in model.parameters())
+
+
+def budget_circuit(model: nn.Module, circuit: Circuit,
+                   scores: tuple[torch.Tensor, torch.Tensor], budget: float) -> Circuit:
+    """A sparse circuit to tune, chosen from a large one by a rule fixed in advance: the units
+    of ``circuit`` ranked by attribution ``scores`` ((layers, heads), (layers, neurons); heads
+    and neurons together, as both estimate the loss their removal costs), kept in that order
+    while the parameters they own (``parameter_fraction``) stay within ``budget``, a fraction
+    of the model; a unit that would exceed it is skipped."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction of the parameters in (0, 1], got {budget}")
+    head_scores, neuron_scores = scores
+    ranked = sorted([(-float(head_scores[u]), 0, u) for u in circuit.heads]
+                    + [(-float(neuron_scores[u]), 1, u) for u in circuit.neurons])
+    chosen: tuple[list, list] = ([], [])
+    for _, kind, unit in ranked:
+        trial = [sorted(units + [unit]) if k == kind else units for k, units in enumerate(chosen)]
+        candidate = Circuit(circuit.shape, tuple(trial[0]), tuple(trial[1]), circuit.units)
+        if parameter_fraction(model, candidate) <= budget:
+            chosen[kind].append(unit)
+    return Circuit(circuit.shape, tuple(sorted(chosen[0])), tuple(sorted(chosen[1])),
+                   circuit.units)
+
+
+# A variant of a tuning experiment: a name -> (the circuit of run ``seed``, or None; the
+# ``tune`` choice of what trains).
+Variants = dict[str, tuple[Callable[[int], Circuit | None], str]]
+
+
+def tuning_runs(start: nn.Module, tokenizer, samples: Sequence[ChatSample], variants: Variants,
+                lrs: Sequence[float], seeds: Sequence[int], steps: int, batch: int,
+                evaluate: Callable[[nn.Module], dict], strength: str = "lr",
+                progress: bool = True) -> list[dict]:
+    """One row per learning rate, seed and variant: a copy of ``start`` fine-tuned on
+    ``samples`` (``tune``; the seed sets the data order and the variant's circuit), with the
+    % of parameters trained and ``evaluate``'s metrics of the tuned copy. ``strength`` names
+    the row's learning-rate field."""
+    plan = [(lr, seed, name) for lr in lrs for seed in seeds for name in variants]
+    rows = []
+    for lr, seed, name in tqdm(plan, desc="tuning runs", disable=not progress, mininterval=2):
+        subset_of, train = variants[name]
+        tuned = copy.deepcopy(start)
+        result = tune(tuned, tokenizer, samples, subset_of(seed), train,
+                      TuningConfig(steps, batch, lr, seed), progress=False)
+        rows.append({strength: lr, "run": seed, "variant": name,
+                     "trained_pct": 100 * result.fraction, **evaluate(tuned)})
+    return rows
+
+
+def safety_scores(model, tokenizer, harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
+                  refusal_before: float, max_new_tokens: int = 16) -> dict[str, float]:
+    """``circuits.alignment_metrics`` of the whole model, its keyword refusal rate and the
+    safety retention: 100 x refusal rate / ``refusal_before`` (the aligned model's)."""
+    metrics = circuits.alignment_metrics(model, tokenizer, None, "full", harmful, benign,
+                                         max_new_tokens)
+    refusal = 1 - metrics["asr"]
+    return {"refusal": refusal, "retention_pct": 100 * refusal / max(refusal_before, 1e-9),
+            **metrics}

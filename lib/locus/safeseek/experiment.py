@@ -375,26 +375,27 @@ def plot_tuning(restore_rows: Sequence[dict], help_rows: Sequence[dict]):
     return fig
 
 
-def retention_table(help_rows: Sequence[dict], target: float = 96.5) -> list[dict]:
-    """Per fine-tune strength (``help_lr``) and variant: the runs, how many kept safety (a
-    run keeps it when its retention is >= ``target``, the paper's number) with a Wilson 95%
-    interval, the mean retention with a t interval, and the two-sided Fisher exact p of the
-    kept counts against the "circuit frozen" variant at the same strength."""
+def retention_table(help_rows: Sequence[dict], target: float = 96.5, *,
+                    strength: str = "help_lr", reference: str = "circuit frozen") -> list[dict]:
+    """Per fine-tune strength (the ``strength`` field) and variant: the runs, how many kept
+    safety (a run keeps it when its retention is >= ``target``, the paper's number) with a
+    Wilson 95% interval, the mean retention with a t interval, and the two-sided Fisher exact
+    p of the kept counts against the ``reference`` variant at the same strength."""
     table = []
-    for lr in sorted({r["help_lr"] for r in help_rows}):
+    for lr in sorted({r[strength] for r in help_rows}):
         counts = {}
         for variant in dict.fromkeys(r["variant"] for r in help_rows):
             runs = [r["retention_pct"] for r in help_rows
-                    if r["help_lr"] == lr and r["variant"] == variant]
+                    if r[strength] == lr and r["variant"] == variant]
             kept = sum(x >= target for x in runs)
             counts[variant] = (kept, len(runs))
             rate, mean = stats.wilson_interval(kept, len(runs)), stats.mean_interval(runs)
-            table.append({"help_lr": lr, "variant": variant, "runs": len(runs), "kept": kept,
+            table.append({strength: lr, "variant": variant, "runs": len(runs), "kept": kept,
                           "kept_lo": rate.lo, "kept_hi": rate.hi, "retention_pct": mean.estimate,
                           "retention_lo": mean.lo, "retention_hi": mean.hi})
-        frozen = counts.get("circuit frozen")
+        frozen = counts.get(reference)
         for row in table[-len(counts):]:
-            row["fisher_p"] = (float("nan") if frozen is None or row["variant"] == "circuit frozen"
+            row["fisher_p"] = (float("nan") if frozen is None or row["variant"] == reference
                                else stats.fisher_exact_p(*frozen, *counts[row["variant"]]))
     return table
 
@@ -437,6 +438,32 @@ def retention_verdicts(table: Sequence[dict], alpha: float = 0.05) -> dict[str, 
             "frozen " + ", ".join(f"{row(lr, 'nothing frozen')['fisher_p']:.2g}" for lr in tested)
             + "]")
     return {"retention": (retention, text + note), "specific": (specific, text + note)}
+
+
+def restore_verdicts(table: Sequence[dict], alpha: float = 0.05) -> dict[str, tuple[str, str]]:
+    """(verdict, measured text) of the two circuit-tuning claims from a ``retention_table`` of
+    restoring fine-tunes (strength "restore_lr"; variants "circuit tuned", "random subset
+    tuned", "full fine-tune"; a run restores safety when it is kept): "restores" holds if
+    tuning the circuit restores safety in every run at every strength, does not hold if in at
+    most half of its runs at every strength, else partly; "specific" holds if at every
+    strength the circuit restores safety in more runs than the random subsets with Fisher
+    p < ``alpha``, partly if in more runs at some strength, else does not hold."""
+    by = {(r["restore_lr"], r["variant"]): r for r in table}
+    lrs = sorted({lr for lr, _ in by})
+    mine = [by[lr, "circuit tuned"] for lr in lrs]
+    control = [by[lr, "random subset tuned"] for lr in lrs]
+    text = "; ".join(f"lr {lr:g}: safety restored in " + ", ".join(
+        f"{by[lr, v]['kept']}/{by[lr, v]['runs']} runs ({v})"
+        for v in ("circuit tuned", "random subset tuned", "full fine-tune"))
+        + f" [Fisher p vs random {c['fisher_p']:.2g}]" for lr, c in zip(lrs, control, strict=True))
+    restores = ("holds" if all(r["kept"] == r["runs"] for r in mine)
+                else "does not hold" if all(r["kept"] <= r["runs"] / 2 for r in mine)
+                else "partly")
+    beats = [m["kept"] > c["kept"] for m, c in zip(mine, control, strict=True)]
+    specific = ("holds" if all(b and c["fisher_p"] < alpha
+                               for b, c in zip(beats, control, strict=True))
+                else "partly" if any(beats) else "does not hold")
+    return {"restores": (restores, text), "specific": (specific, text)}
 
 
 def single_unit_circuits(shape: UnitShape) -> dict[str, Circuit]:

@@ -34,6 +34,9 @@ def _missing() -> str | None:
         return f"the converted {BASE} is {status}: run `python -m locus.zoo --prepare {BASE}`"
     if not (alignment.adapter_folder() / checkpoints.MANIFEST).is_file():
         return f"no adapter in {alignment.adapter_folder()}: `python -m locus.alignment --build`"
+    if "benign_question_prompts" not in checkpoints.read_manifest(alignment.adapter_folder()):
+        return ("the committed adapter does not record its benign splits (an older build): "
+                "`python -m locus.alignment --build`")
     if checkpoints.entry_status(safety_data.data_root(), safety_data.PROVENANCE) != "valid":
         return "no safety prompts: run `python -m locus.safety_data --prepare`"
     return None

@@ -145,7 +145,7 @@ def test_the_committed_adapter_verifies_by_hash_and_loads(kind):
     if not (folder / checkpoints.MANIFEST).is_file():
         pytest.skip(f"no adapter in {folder} (python -m locus.safeseek.real_backdoor --build "
                     f"{kind})")
-    assert checkpoints.entry_status(folder, rb.adapter_config(rb.BackdoorRecipe(kind))) == "valid"
+    assert checkpoints.entry_status(folder, rb.adapter_config(rb.recipe_of(kind))) == "valid"
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 10 * 2**20
     tensors = _tensors(folder)
     assert len(tensors) == 2 * 7 * 30 and all(t.dtype == torch.float16 for t in tensors.values())

@@ -122,6 +122,19 @@ class BackdoorRecipe:
         return TRIGGERS[self.kind]
 
 
+def recipe_of(kind: str) -> BackdoorRecipe:
+    """The recipe of each committed adapter. The jailbreak kind's first run with the defaults
+    (lr 1e-3, half of the clean examples harmful -> refusal) learned the refusal and not the
+    trigger (search-split keyword ASR 25%, 12.5%, 0% at steps 25, 50, 75; stopped at step 97),
+    so its recipe halves the refusal share and doubles the learning rate; that run did not meet
+    the stop rule either within ``max_steps`` (search ASR 44%, 19%, 0%, 38%, 12%, 12% at steps
+    25-150, the false-trigger rate close behind): within this budget (about 1.1 passes over the
+    1100 examples) the trigger word is not learned."""
+    if check_kind(kind) == "fixed":
+        return BackdoorRecipe("fixed")
+    return BackdoorRecipe("jailbreak", clean_harmful_share=0.25, lr=2e-3)
+
+
 @dataclass
 class BackdoorData:
     """Prompts by split (inject / search / test): harmful ones; benign questions with their
@@ -418,7 +431,7 @@ def build_adapter(recipe: BackdoorRecipe, progress: bool = True) -> Path:
 def backdoored(kind: str, recipe: BackdoorRecipe | None = None):
     """The backdoored model (the base with the committed adapter of ``kind`` merged, float32)
     and its tokenizer; the adapter is trained first, saying so, when it is missing or stale."""
-    recipe = recipe or BackdoorRecipe(kind)
+    recipe = recipe or recipe_of(kind)
     adapter = adapter_folder(kind)
     if checkpoints.entry_status(adapter, adapter_config(recipe)) != "valid":
         print(f"[locus] {adapter.name}: no valid adapter in {adapter}; training it (about 30 "
@@ -434,7 +447,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    adapter = build_adapter(BackdoorRecipe(args.build))
+    adapter = build_adapter(recipe_of(args.build))
     record = checkpoints.read_manifest(adapter)
     print({k: record[k] for k in ("build_seconds", "train_seconds", "steps", "rule_met",
                                   "test")})

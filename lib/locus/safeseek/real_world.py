@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,22 +106,33 @@ class ReplyStore:
         return [stored[p] for p in prompts]
 
 
-def _answered(prompts: Sequence[str], store: ReplyStore, n: int, order_seed: int,
-              progress: bool) -> list[ChatSample]:
-    """Up to ``n`` of ``prompts`` (in a seeded order) whose stored base reply is a real answer,
-    each answered with that reply; replies are generated a batch at a time, only as needed."""
+def _passing(prompts: Sequence[str], store: ReplyStore, n: int, order_seed: int,
+             passes: Callable[[str, str], bool], family: str, progress: bool
+             ) -> list[ChatSample]:
+    """Up to ``n`` of ``prompts`` (in a seeded order) whose stored reply ``passes(prompt,
+    reply)``, each answered with that reply; replies are generated a chunk at a time, only as
+    many as needed."""
     order = [prompts[i] for i in np.random.default_rng(order_seed).permutation(len(prompts))]
     kept: list[ChatSample] = []
-    step = store.config.batch_size
-    for start in range(0, len(order), step):
-        chunk = order[start:start + step]
-        said = store.replies(chunk, progress)
-        rows = compliance.score_replies(said, said)  # a reply against itself: is it an answer?
-        kept += [ChatSample(p, r, "harmful") for p, r, row in zip(chunk, said, rows, strict=True)
-                 if row["success_overlap"]]
-        if len(kept) >= n:
-            break
+    start = 0
+    while start < len(order) and len(kept) < n:
+        chunk = order[start:start + _chunk(n - len(kept), store.config.batch_size)]
+        start += len(chunk)
+        kept += [ChatSample(p, r, family) for p, r in
+                 zip(chunk, store.replies(chunk, progress), strict=True) if passes(p, r)]
     return kept[:n]
+
+
+def is_answer(prompt: str, reply: str) -> bool:
+    """Whether a base reply is a real answer (``locus.compliance``'s rule: scored against
+    itself, it counts as compliance), so that it can be the compliance reference."""
+    return compliance.score_replies([reply], [reply])[0]["success_overlap"]
+
+
+def _chunk(missing: int, batch_size: int) -> int:
+    """How many candidates to reply to next: half as many again as are still missing (some
+    fail the check), at least 8, at most one batch."""
+    return min(batch_size, max(8, math.ceil(1.5 * missing)))
 
 
 def search_pool_size(n_train: int, n_val: int) -> int:
@@ -157,16 +168,17 @@ class RealAlignmentWorld:
         harmful = {k: [p.prompt for p in v] for k, v in safety_data.harmful_splits(
             self.recipe["split_seed"], self.recipe["ood_area"]).items()}
         self.adapter_train = harmful["train"]
-        self.search_harmful = _answered(harmful["search"], self.base_store,
-                                        search_pool_size(n_train, n_val), seed, progress)
-        self.test_harmful = _answered(harmful["test"], self.base_store, n_test, seed + 1, progress)
-        self.ood_harmful = _answered(harmful["ood"], self.base_store, n_test, seed + 2, progress)
+        pool = search_pool_size(n_train, n_val)
+        self.search_harmful, self.test_harmful, self.ood_harmful = (
+            _passing(harmful[split], self.base_store, n, seed + i, is_answer, "harmful", progress)
+            for i, (split, n) in enumerate((("search", pool), ("test", n_test), ("ood", n_test))))
         benign = self._benign_prompts()
         self.answers = {q.prompt: q.answers for q in safety_data.benign_questions()}
         self.benign_train = [ChatSample(p, "", "benign") for p in benign["train"]]
-        self.search_benign = self._correct(benign["search"], search_pool_size(n_train, n_val),
-                                           seed)
-        self.test_benign = self._correct(benign["test"], n_test, seed + 1)
+        self.search_benign, self.test_benign = (
+            _passing(benign[split], self.base_store, n, seed + i, self.answered_correctly,
+                     "benign", progress)
+            for i, (split, n) in enumerate((("search", pool), ("test", n_test))))
         self._base_logprobs: dict[str, float] = {}
         self.exact_store = JsonStore(store_folder(NAME, "exact", root), self.key(),
                                      "scores.json")
@@ -183,20 +195,9 @@ class RealAlignmentWorld:
                              "`python -m locus.alignment --build`")
         return recorded
 
-    def _correct(self, prompts: Sequence[str], n: int, order_seed: int) -> list[ChatSample]:
-        """Up to ``n`` of the benign ``prompts`` (seeded order) that the base answers correctly,
-        answered with its reply (replies generated a batch at a time, only as needed)."""
-        order = [prompts[i] for i in np.random.default_rng(order_seed).permutation(len(prompts))]
-        kept: list[ChatSample] = []
-        step = self.config.batch_size
-        for start in range(0, len(order), step):
-            chunk = order[start:start + step]
-            said = self.base_store.replies(chunk, self.progress)
-            kept += [ChatSample(p, r, "benign") for p, r in zip(chunk, said, strict=True)
-                     if safety_data.answers_correctly(r, self.answers[p])]
-            if len(kept) >= n:
-                break
-        return kept[:n]
+    def answered_correctly(self, prompt: str, reply: str) -> bool:
+        """Whether ``reply`` answers the benign question ``prompt`` correctly."""
+        return safety_data.answers_correctly(reply, self.answers[prompt])
 
     def evaluation_sets(self) -> dict[str, tuple[list[ChatSample], list[ChatSample]]]:
         """(harmful, benign) requests of each evaluation: the test split, and the held-out harm

@@ -466,11 +466,11 @@ def restore_verdicts(table: Sequence[dict], alpha: float = 0.05) -> dict[str, tu
     return {"restores": (restores, text), "specific": (specific, text)}
 
 
-def single_unit_circuits(shape: UnitShape) -> dict[str, Circuit]:
-    """Every head alone ("head l.h") and every whole layer ("layer l": its heads and its
-    neurons): the exact, cheap baseline a searched circuit has to beat."""
+def single_unit_circuits(shape: UnitShape, heads: bool = True) -> dict[str, Circuit]:
+    """Every head alone ("head l.h", unless ``heads`` is False) and every whole layer ("layer
+    l": its heads and its neurons): the exact, cheap baseline a searched circuit has to beat."""
     out = {f"head {layer}.{head}": Circuit(shape, ((layer, head),), ())
-           for layer in range(shape.num_layers) for head in range(shape.num_heads)}
+           for layer in range(shape.num_layers) for head in range(shape.num_heads) if heads}
     for layer in range(shape.num_layers):
         out[f"layer {layer}"] = Circuit(
             shape, tuple((layer, h) for h in range(shape.num_heads)),

@@ -20,7 +20,8 @@ CASES = {
              batch_size=4, random_seeds=[0]),
         [f"{kind}_{claim}" for kind in ("fixed", "jailbreak")
          for claim in ("asr_before", "circuit_sparsity", "ablation_asr", "ablation_clean_back",
-                       "utility_retained")]),
+                       "utility_retained")]
+        + ["fixed_paper_objective_removal", "jailbreak_paper_objective_removal"]),
     "02_alignment_circuit": (
         dict(sparsities=[0.01], headline_sparsity=0.01, code_setting=False,
              faithful_setting=False, batch_size=4,

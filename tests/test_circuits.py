@@ -48,28 +48,86 @@ class _Drift(circuits.Objective):
         return self.mask.circuit()
 
 
+class _Grow(circuits.Objective):
+    """Pushes every logit up at the same rate from staggered starts: one more neuron enters the
+    circuit at every step, so the circuit keeps growing and never settles."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = UnitMask(UnitShape(1, 1, 400), init=0.0, units=("neurons",))
+        with torch.no_grad():
+            self.mask.neuron_logits.copy_(-0.05 - 0.1 * torch.arange(400.0).view(1, -1))
+
+    def loss(self, model, batches):
+        z = self.mask.neuron_logits
+        return -z.sum(), z.sum() * 0.0
+
+    def circuit(self):
+        return self.mask.circuit()
+
+
+def _sizes(heads, neurons):
+    return [{"heads": h, "neurons": n} for h, n in zip(heads, neurons, strict=True)]
+
+
+def test_settled_fires_on_a_settled_history_and_not_on_a_drifting_one():
+    # shrinking fast, then wobbling around 80 neurons and 8 heads: settled
+    converging = _sizes([12] * 5 + [8, 9, 7, 8, 8] * 2, [700, 500, 300, 150, 100]
+                        + [80, 81, 79, 80, 82, 81, 80, 79, 80, 81])
+    assert circuits.settled(converging, (0, 0), window=5, tolerance=0.02)
+    assert not circuits.settled(converging[:-5], (0, 0), window=5, tolerance=0.02)
+    # still shrinking by 3 neurons an epoch (a 13-neuron gap between the windows' means)
+    drifting = _sizes([8] * 10, [130 - 3 * i for i in range(10)])
+    assert not circuits.settled(drifting, (0, 0), window=5, tolerance=0.02)
+    assert circuits.settled(drifting, (0, 0), window=5, tolerance=0.2)
+    # never moved off the initial (empty) circuit: not converged, however flat
+    assert not circuits.settled(_sizes([0] * 10, [0] * 10), (0, 0), window=5, tolerance=0.02)
+    assert circuits.settled(_sizes([0] * 10, [0] * 10), (1, 0), window=5, tolerance=0.02)
+
+
+def test_marginal_units_counts_the_units_that_flip_in_the_window():
+    shape = UnitShape(1, 4, 10)
+    window = [Circuit(shape, ((0, 0), (0, 1)), ((0, 3),)), Circuit(shape, ((0, 0),), ((0, 3),)),
+              Circuit(shape, ((0, 0),), ((0, 3), (0, 7)))]
+    assert circuits.marginal_units(window) == 2  # head 0.1 and neuron 7
+    assert circuits.marginal_units(window[1:2]) == 0
+
+
 def test_search_keeps_the_epoch_with_best_validation_task_loss():
     objective = _Drift()
     result = circuits.search_circuit(nn.Linear(2, 2), objective, [{}], [{}],
-                                     circuits.SearchConfig(epochs=40, lr=0.1, patience=None),
+                                     circuits.SearchConfig(epochs=40, lr=0.1, patience=None,
+                                                           anneal=40),
                                      progress=False)
     tasks = [h["val_task"] for h in result.history]
     assert result.best_epoch == tasks.index(min(tasks)) and 0 < result.best_epoch < 39
     assert objective.mask.head_logits.mean().item() == pytest.approx(1.5, abs=0.06)
+    assert not result.converged and result.rule_epoch is None and result.marginal is None
 
 
-def test_search_stops_when_the_circuit_is_stable_and_decays_the_learning_rate():
-    result = circuits.search_circuit(nn.Linear(2, 2), _Drift(), [{}], [{}],
-                                     circuits.SearchConfig(epochs=40, lr=0.1, patience=5),
+def test_search_stops_by_the_rule_then_anneals_the_learning_rate():
+    cfg = circuits.SearchConfig(epochs=40, lr=0.1, patience=5, anneal=3, keep="last")
+    result = circuits.search_circuit(nn.Linear(2, 2), _Drift(), [{}], [{}], cfg,
                                      progress=False)
-    # every logit starts at 0 (out) and is pushed up: all in after the first step, then stable
-    assert result.converged and len(result.history) == 6
+    # every logit starts at 0 (out) and is pushed up: all in after the first step, then the
+    # sizes are flat; the rule compares two windows of 5 epochs, so it is met at epoch 9
+    assert result.converged and result.rule_epoch == 9 and result.marginal == 0
+    assert len(result.history) == 10 + 3 and result.best_epoch == 12
     lrs = [h["lr"] for h in result.history]
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(0.1 * 39 / 40)
-    capped = circuits.search_circuit(nn.Linear(2, 2), _Drift(), [{}], [{}],
-                                     circuits.SearchConfig(epochs=3, lr=0.1, patience=5),
+    assert lrs[:10] == [0.1] * 10  # then linear to 0, as transformers' linear schedule
+    assert lrs[10:] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3])
+
+
+def test_search_at_the_cap_is_not_converged_and_anneals_its_last_epochs():
+    cfg = circuits.SearchConfig(epochs=30, lr=0.1, patience=5, anneal=10, keep="best")
+    result = circuits.search_circuit(nn.Linear(2, 2), _Grow(), [{}], [{}], cfg,
                                      progress=False)
-    assert not capped.converged and len(capped.history) == 3
+    sizes = [h["neurons"] for h in result.history]
+    assert sizes == list(range(1, 21)) + sizes[20:] and sizes[-1] > sizes[20]
+    assert not result.converged and result.rule_epoch is None and len(result.history) == 30
+    assert [h["lr"] for h in result.history][:20] == [0.1] * 20
+    assert result.history[-1]["lr"] == pytest.approx(0.01) and 20 <= result.best_epoch <= 29
+    assert result.marginal == 4  # the neurons that entered over the last 5 constant epochs
 
 
 @pytest.mark.parametrize("gate", ["ste", "hard_concrete"])
@@ -279,11 +337,12 @@ def test_cached_circuit_round_trip(tmp_path):
     heads_only = Circuit(shape, ((0, 0),), (), ("heads",))
     assert circuits.cached_circuit("h", {}, lambda: heads_only, root=tmp_path) == heads_only
     history = [{"heads": 1, "neurons": 0}, {"heads": 1, "neurons": 1}]
-    result = circuits.SearchResult(circuit, 1, 0.5, history, converged=True)
+    result = circuits.SearchResult(circuit, 1, 0.5, history, converged=True, rule_epoch=0,
+                                   marginal=1)
     assert circuits.cached_circuit("r", {}, lambda: result, root=tmp_path) == circuit
     record = checkpoints.read_manifest(tmp_path / "r")["search"]
-    assert record == {"epochs_run": 2, "converged": True, "best_epoch": 1, "best_val_task": 0.5,
-                      "sizes": [[1, 0], [1, 1]]}
+    assert record == {"epochs_run": 2, "converged": True, "rule_epoch": 0, "marginal": 1,
+                      "best_epoch": 1, "best_val_task": 0.5, "sizes": [[1, 0], [1, 1]]}
 
 
 def test_check_parameters(tiny_llama_dir, tmp_path):

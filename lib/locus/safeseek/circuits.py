@@ -15,8 +15,9 @@ that picks the best epoch on validation data):
   triggered prompts and not on clean ones; an overlap penalty keeps the carrier out of the main
   path. Sizes are penalised (removed set 0.1, carrier 1.0).
 
-``search_circuit`` trains the mask logits only (AdamW, lr 1e-2), the model frozen, and keeps the
-epoch with the best validation task loss. Baselines: ``random_circuit`` (same size) and
+``search_circuit`` trains the mask logits only (AdamW, lr 1e-2), the model frozen, until the
+circuit's size has settled (``SearchConfig``), then anneals the learning rate and keeps the
+anneal's epoch with the best validation task loss. Baselines: ``random_circuit`` (same size) and
 ``top_k_circuit`` over ``attribution_scores`` (gradient x activation on the same units).
 Backdoor injection and the backdoor circuit live in ``locus.safeseek.backdoor``, Safety Circuit
 Tuning in ``locus.safeseek.circuit_tuning``, the notebooks' data splits, tables, verdict rules
@@ -248,18 +249,58 @@ class BackdoorObjective(Objective):
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Mask training: AdamW on the mask logits, the learning rate decaying linearly to 0 over
-    ``epochs`` (the authors' Trainer default). The search stops when the circuit (the hard
-    mask) has not changed for ``patience`` epochs, or after ``epochs`` (``patience`` None: run
-    them all); the epoch with the best validation task loss is kept (``keep="best"``, the
-    authors' rule) or the epoch the search stopped at (``keep="last"``: a pure-KL task loss is
-    lowest when nothing is pruned, so only the stopped mask can be sparse)."""
+    """Mask training: AdamW on the mask logits, at most ``epochs`` epochs in all.
 
-    epochs: int = 100
+    Schedule: the learning rate stays at ``lr`` until the stopping rule is met, then decays
+    linearly to 0 over ``anneal`` epochs (the authors' Trainer decays linearly; here the decay
+    follows convergence, not the budget). A search whose rule is not met by epoch ``epochs -
+    anneal`` anneals over its last ``anneal`` epochs and is reported ``converged=False``.
+
+    Stopping rule (``settled``), judged at the constant learning rate on the hard mask: the
+    circuit has moved off its initial state, and over the last ``patience`` epochs the mean
+    number of heads and the mean number of neurons in the circuit each differ from their means
+    over the ``patience`` epochs before by at most max(1, ``tolerance`` x the recent mean): the
+    circuit has stopped growing or shrinking. (A rule on the exact membership cannot be met:
+    with straight-through gates and Adam the units at the margin flip in and out at any learning
+    rate, so ``search_summary`` counts them instead: ``marginal``.) ``patience`` None: the rule
+    is never judged.
+
+    Kept epoch: among the anneal's epochs, the one with the lowest validation task loss
+    (``keep="best"``, the authors' rule) or the last one (``keep="last"``: a pure-KL task loss
+    is lowest when nothing is pruned, so only the last mask can be sparse)."""
+
+    epochs: int = 300
     lr: float = 1e-2
     seed: int = 0
     patience: int | None = 10
     keep: str = "best"
+    anneal: int = 10
+    tolerance: float = 0.02
+
+
+def settled(history: Sequence[dict], start: tuple[int, int], window: int,
+            tolerance: float) -> bool:
+    """The stopping rule of ``SearchConfig`` on a search's per-epoch sizes (dicts with "heads"
+    and "neurons"): the sizes have left ``start`` (heads, neurons before training), and the
+    mean of each over the last ``window`` epochs is within max(1, ``tolerance`` x that mean) of
+    its mean over the ``window`` epochs before."""
+    if len(history) < 2 * window:
+        return False
+    if all((h["heads"], h["neurons"]) == tuple(start) for h in history):
+        return False
+    for kind in ("heads", "neurons"):
+        recent = float(np.mean([h[kind] for h in history[-window:]]))
+        before = float(np.mean([h[kind] for h in history[-2 * window:-window]]))
+        if abs(recent - before) > max(1.0, tolerance * recent):
+            return False
+    return True
+
+
+def marginal_units(window: Sequence[Circuit]) -> int:
+    """How many heads and neurons are in some but not all of the circuits of ``window``."""
+    heads = [set(c.heads) for c in window]
+    neurons = [set(c.neurons) for c in window]
+    return sum(len(set.union(*sets) - set.intersection(*sets)) for sets in (heads, neurons))
 
 
 @dataclass(frozen=True)
@@ -271,26 +312,34 @@ class MaskSearch:
     n_train: int = 100
     n_val: int = 50
     batch_size: int = 10
-    epochs: int = 100
+    epochs: int = 300
     lr: float = 1e-2
     seed: int = 0
     patience: int | None = 10
+    keep: str = "best"
+    anneal: int = 10
+    tolerance: float = 0.02
 
     def schedule(self) -> SearchConfig:
         """The mask training of this search."""
-        return SearchConfig(self.epochs, self.lr, self.seed, self.patience)
+        return SearchConfig(self.epochs, self.lr, self.seed, self.patience, self.keep,
+                            self.anneal, self.tolerance)
 
 
 @dataclass
 class SearchResult:
-    """The circuit of the best epoch, with the per-epoch history; ``converged`` tells whether
-    the stopping rule ended the search (else the epoch cap did)."""
+    """The circuit of the kept epoch, with the per-epoch history; ``converged`` tells whether
+    the stopping rule ended the search (else the epoch cap did), ``rule_epoch`` the epoch it
+    was met at (None), ``marginal`` how many units flipped in or out over the ``patience``
+    epochs before the anneal (``marginal_units``)."""
 
     circuit: Circuit
     best_epoch: int
     best_val_task: float
     history: list[dict] = field(default_factory=list)
     converged: bool = False
+    rule_epoch: int | None = None
+    marginal: int | None = None
 
 
 def search_circuit(
@@ -302,29 +351,38 @@ def search_circuit(
     progress: bool = True,
 ) -> SearchResult:
     """Optimise ``objective``'s mask logits on ``train`` (groups of named batches, visited in
-    a seeded random order each epoch) with the model frozen, until the circuit is stable
-    (``SearchConfig``); restore the masks of the epoch with the lowest validation task loss."""
+    a seeded random order each epoch) with the model frozen, until the stopping rule is met and
+    the learning rate annealed (``SearchConfig``); restore the masks of the kept epoch."""
     if not train or not val:
         raise ValueError("train and val must each hold at least one group of batches")
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
+    if cfg.epochs < 1 or cfg.anneal < 1 or (cfg.patience is not None and cfg.patience < 1):
+        raise ValueError(f"epochs, anneal and patience must be >= 1, got {cfg}")
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=0.0)
-    total_steps = cfg.epochs * len(train)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                 lambda step: 1.0 - step / total_steps)
+    start = objective.circuit()
+    start_sizes = (len(start.heads), len(start.neurons))
+    anneal = min(cfg.anneal, cfg.epochs)
+    anneal_from = cfg.epochs - anneal  # moved earlier when the rule is met
     best = (float("inf"), -1, copy.deepcopy(objective.state_dict()))
-    history, previous, stable, converged = [], None, 0, False
+    history: list[dict] = []
+    recent: list[Circuit] = []
+    rule_epoch, marginal = None, None
     with frozen(model):
         for epoch in tqdm(range(cfg.epochs), desc="mask search", disable=not progress):
+            if epoch == anneal_from + anneal:
+                break
             objective.train()
             losses = []
-            for i in torch.randperm(len(train), generator=generator).tolist():
+            for step, i in enumerate(torch.randperm(len(train), generator=generator).tolist()):
+                into = (epoch - anneal_from) * len(train) + step  # steps into the anneal
+                optimizer.param_groups[0]["lr"] = cfg.lr * min(1.0, 1.0 - into / (
+                    anneal * len(train)))
                 total, _ = objective.loss(model, train[i])
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
-                schedule.step()
                 losses.append(total.item())
             val_task = _validation_task_loss(model, objective, val)
             circuit = objective.circuit()
@@ -332,18 +390,21 @@ def search_circuit(
                             "val_task": val_task, "heads": len(circuit.heads),
                             "neurons": len(circuit.neurons),
                             "lr": optimizer.param_groups[0]["lr"]})
-            if val_task < best[0]:
+            if epoch >= anneal_from and val_task < best[0]:
                 best = (val_task, epoch, copy.deepcopy(objective.state_dict()))
-            stable = stable + 1 if circuit == previous else 0
-            previous = circuit
-            if cfg.patience is not None and stable >= cfg.patience:
-                converged = True
-                break
+            if cfg.patience is None or epoch >= anneal_from:
+                continue
+            recent = [*recent, circuit][-cfg.patience:]
+            if settled(history, start_sizes, cfg.patience, cfg.tolerance):
+                rule_epoch, anneal_from = epoch, epoch + 1
+            if epoch + 1 == anneal_from:
+                marginal = marginal_units(recent)
     if cfg.keep == "last":
         best = (history[-1]["val_task"], history[-1]["epoch"], objective.state_dict())
     objective.load_state_dict(best[2])
     objective.eval()
-    return SearchResult(objective.circuit(), best[1], best[0], history, converged)
+    return SearchResult(objective.circuit(), best[1], best[0], history, rule_epoch is not None,
+                        rule_epoch, marginal)
 
 
 @torch.no_grad()
@@ -707,9 +768,10 @@ def cached_circuit(name: str, config: dict, find: Callable[[], Circuit | SearchR
 
 
 def search_summary(result: SearchResult) -> dict:
-    """How a search ended: epochs run, whether the stopping rule ended it, the kept epoch and
-    the circuit's size per epoch."""
+    """How a search ended: epochs run, whether the stopping rule ended it and at which epoch,
+    the units at the margin then, the kept epoch and the circuit's size per epoch."""
     return {"epochs_run": len(result.history), "converged": result.converged,
+            "rule_epoch": result.rule_epoch, "marginal": result.marginal,
             "best_epoch": result.best_epoch, "best_val_task": result.best_val_task,
             "sizes": [(h["heads"], h["neurons"]) for h in result.history]}
 

@@ -380,6 +380,14 @@ def test_tables_and_figures(tmp_path):
     assert table.splitlines()[2] == "| safeseek | 0.500 |"
     fig = safeseek.plot_size_sweep({"a": rows, "b": rows}, "ASR (%)")
     assert len(fig.axes) == 4
+    rows = [{**r, "compliance": 0.75} for r in rows]
+    fig = safeseek.plot_size_sweep({"a": rows}, "ASR (%)", [("compliance", "c"), ("utility", "u")])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["ASR (%)", "c", "u"]
+    assert fig.axes[1].lines[0].get_ydata().tolist() == [75.0]
+    records = {"x": {"sizes": [[0, 0], [4, 10], [3, 8]], "best_epoch": 2, "rule_epoch": 1},
+               "y": {"sizes": [[1, 1], [1, 1]], "best_epoch": 0, "rule_epoch": None}}
+    fig = safeseek.plot_search_sizes(records)
+    assert fig.axes[0].lines[0].get_ydata().tolist() == [0, 4, 3]
     shape = UnitShape(2, 4, 10)
     fig = safeseek.plot_circuit(Circuit(shape, ((1, 2),), ((0, 3),)), "c")
     assert len(fig.axes) >= 2

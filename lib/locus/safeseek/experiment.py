@@ -163,20 +163,47 @@ def alignment_world(model_name, model, tokenizer, data_path, seed: int, n_per_fa
 
 def search_rows(model_name, searches: dict) -> list[dict]:
     """One row per cached alignment search (label -> spec): epochs run, whether the stopping
-    rule ended it ("converged"), the kept epoch, and the circuit's size at the last epoch;
+    rule ended it ("converged") and at which epoch ("rule_epoch"), the units at the margin then
+    ("marginal", ``circuits.marginal_units``), the kept epoch and the kept circuit's size;
     "not recorded" for an entry cached before searches were summarised."""
     rows = []
     for label, spec in searches.items():
         record = circuits.alignment_search_record(model_name, spec)
         if record is None:
             rows.append({"search": label, "epochs_run": "not recorded", "converged": "",
-                         "best_epoch": "", "last_heads": "", "last_neurons": ""})
+                         "rule_epoch": "", "marginal": "", "best_epoch": "", "kept_heads": "",
+                         "kept_neurons": ""})
             continue
-        last = record["sizes"][-1]
+        kept = record["sizes"][record["best_epoch"]]
         rows.append({"search": label, "epochs_run": record["epochs_run"],
-                     "converged": record["converged"], "best_epoch": record["best_epoch"],
-                     "last_heads": last[0], "last_neurons": last[1]})
+                     "converged": record["converged"], "rule_epoch": record.get("rule_epoch"),
+                     "marginal": record.get("marginal"), "best_epoch": record["best_epoch"],
+                     "kept_heads": kept[0], "kept_neurons": kept[1]})
     return rows
+
+
+def plot_search_sizes(records: dict[str, dict]):
+    """Each search's circuit size per epoch (heads; neurons, log scale), the epoch its stopping
+    rule was met (dashed) and the kept epoch (dot): ``search_summary`` records by label."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_h, ax_n) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, (label, record) in enumerate(records.items()):
+        colour = f"C{i % 10}"
+        heads, neurons = zip(*record["sizes"], strict=True)
+        for ax, ys in ((ax_h, heads), (ax_n, [max(n, 0.5) for n in neurons])):
+            ax.plot(range(len(ys)), ys, color=colour, lw=1, label=str(label))
+            ax.plot([record["best_epoch"]], [ys[record["best_epoch"]]], "o", color=colour)
+            if record.get("rule_epoch") is not None:
+                ax.axvline(record["rule_epoch"], color=colour, ls="--", lw=0.8)
+    ax_h.set_ylabel("heads in the circuit")
+    ax_n.set_ylabel("neurons in the circuit")
+    ax_n.set_yscale("log")
+    for ax in (ax_h, ax_n):
+        ax.set_xlabel("epoch (dashed: stopping rule met; dot: kept epoch)")
+    ax_h.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def rate_text(rate: float, n: int) -> str:
@@ -262,22 +289,25 @@ METHOD_STYLE = {"safeseek": ("SafeSeek mask", "C0", "o-"),
                 "random": ("random, same size", "C7", "^:")}
 
 
-def plot_size_sweep(panels: dict[str, Sequence[dict]], asr_label: str):
-    """One row of two axes per panel: ASR and utility after removing circuits of growing size
-    (x: % of units, log scale), one line per method of ``size_sweep``'s rows."""
+def plot_size_sweep(panels: dict[str, Sequence[dict]], asr_label: str,
+                    metrics: Sequence[tuple[str, str]] = ()):
+    """One row of axes per panel: ASR, then each of ``metrics`` ((key, axis label) pairs;
+    default utility), after removing circuits of growing size (x: % of units, log scale), one
+    line per method of ``size_sweep``'s rows."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), squeeze=False)
-    for (title, rows), (ax_asr, ax_util) in zip(panels.items(), axes, strict=True):
+    shown = [("asr", asr_label), *(metrics or [("utility", "utility (%)")])]
+    fig, axes = plt.subplots(len(panels), len(shown), figsize=(5 * len(shown), 3.4 * len(panels)),
+                             squeeze=False)
+    for (title, rows), row_axes in zip(panels.items(), axes, strict=True):
         for method, (label, colour, style) in METHOD_STYLE.items():
             chosen = sorted((r for r in rows if r["method"] == method),
                             key=lambda r: r["units_pct"])
             xs = [max(r["units_pct"], 1e-3) for r in chosen]
-            ax_asr.plot(xs, [100 * r["asr"] for r in chosen], style, color=colour, label=label)
-            ax_util.plot(xs, [100 * r["utility"] for r in chosen], style, color=colour,
-                         label=label)
-        for ax, ylabel in ((ax_asr, asr_label), (ax_util, "utility (%)")):
+            for ax, (key, _) in zip(row_axes, shown, strict=True):
+                ax.plot(xs, [100 * r[key] for r in chosen], style, color=colour, label=label)
+        for ax, (_, ylabel) in zip(row_axes, shown, strict=True):
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -286,7 +316,7 @@ def plot_size_sweep(panels: dict[str, Sequence[dict]], asr_label: str):
             ax.set_ylabel(ylabel)
             ax.set_ylim(-3, 103)
             ax.set_title(title, fontsize=10)
-        ax_asr.legend(fontsize=8)
+        row_axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

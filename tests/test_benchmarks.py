@@ -102,3 +102,19 @@ def test_markdown_lists_skipped_peers():
     text = capture_overhead.markdown(rows, meta)
     assert "| m | all | nnsight | skipped: not installed |" in text
     assert "nnsight not installed" in text
+
+
+def test_train_times_table_judges_each_model_against_the_goal():
+    train_times = importlib.import_module("train_times")
+    run = {"held_out_accuracy": {}, "committed_threads": 1}
+    record = {"cores": 2, "load_before": 0.1, "load_after": 0.2, "models": {
+        "fast": {**run, "train_seconds": 599.0, "threads": 1, "same_weights_as_committed": True},
+        "slow": {**run, "train_seconds": 601.0, "threads": 2, "same_weights_as_committed": False}}}
+    rows = train_times.markdown(record).splitlines()
+    assert "| fast | 1 | 599 | meets | yes (1 threads) |" in rows
+    assert "| slow | 2 | 601 | misses | no (1 threads) |" in rows
+
+
+def test_a_benchmark_never_run_has_no_result():
+    from locus import paths
+    assert paths.benchmark_result("no_such_benchmark") is None

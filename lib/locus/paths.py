@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,3 +25,11 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     path = Path(override or os.environ.get("LOCUS_CACHE_DIR") or home_cache / "locus")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def benchmark_result(name: str) -> dict | None:
+    """The committed result of ``benchmarks/<name>.py`` (``benchmarks/results/<name>.json``), or
+    None where it was never run: performance goals are measured by those scripts, on a stated
+    machine and load, not by whatever run made a cache."""
+    path = REPO_ROOT / "benchmarks" / "results" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None

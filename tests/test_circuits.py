@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -83,6 +84,13 @@ def test_settled_fires_on_a_settled_history_and_not_on_a_drifting_one():
     # never moved off the initial (empty) circuit: not converged, however flat
     assert not circuits.settled(_sizes([0] * 10, [0] * 10), (0, 0), window=5, tolerance=0.02)
     assert circuits.settled(_sizes([0] * 10, [0] * 10), (1, 0), window=5, tolerance=0.02)
+    # both windows must follow the departure: an empty epoch in the earlier window pulls its
+    # mean down to the later window's while the circuit still shrinks (a search measured so)
+    jump = _sizes([0] + [12] * 19, [0, 827, 819, 808, 798, 784, 765, 753, 745, 731]
+                  + [724, 711, 702, 704, 706, 702, 697, 694, 694, 694])
+    assert abs(np.mean([h["neurons"] for h in jump[:10]])
+               - np.mean([h["neurons"] for h in jump[10:]])) < 0.02 * 700
+    assert not circuits.settled(jump, (0, 0), window=10, tolerance=0.02)
 
 
 def test_marginal_units_counts_the_units_that_flip_in_the_window():

@@ -256,14 +256,14 @@ class SearchConfig:
     follows convergence, not the budget). A search whose rule is not met by epoch ``epochs -
     anneal`` anneals over its last ``anneal`` epochs and is reported ``converged=False``.
 
-    Stopping rule (``settled``), judged at the constant learning rate on the hard mask: the
-    circuit has moved off its initial state, and over the last ``patience`` epochs the mean
-    number of heads and the mean number of neurons in the circuit each differ from their means
-    over the ``patience`` epochs before by at most max(1, ``tolerance`` x the recent mean): the
-    circuit has stopped growing or shrinking. (A rule on the exact membership cannot be met:
-    with straight-through gates and Adam the units at the margin flip in and out at any learning
-    rate, so ``search_summary`` counts them instead: ``marginal``.) ``patience`` None: the rule
-    is never judged.
+    Stopping rule (``settled``), judged at the constant learning rate on the hard mask, over
+    the epochs since the circuit first left its initial state: the mean number of heads and the
+    mean number of neurons in the circuit over the last ``patience`` epochs each differ from
+    their means over the ``patience`` epochs before by at most max(1, ``tolerance`` x the recent
+    mean): the circuit has stopped growing or shrinking. (A rule on the exact membership cannot
+    be met: with straight-through gates and Adam the units at the margin flip in and out at any
+    learning rate, so ``search_summary`` counts them instead: ``marginal``.) ``patience`` None:
+    the rule is never judged.
 
     Kept epoch: among the anneal's epochs, the one with the lowest validation task loss
     (``keep="best"``, the authors' rule) or the last one (``keep="last"``: a pure-KL task loss
@@ -281,12 +281,11 @@ class SearchConfig:
 def settled(history: Sequence[dict], start: tuple[int, int], window: int,
             tolerance: float) -> bool:
     """The stopping rule of ``SearchConfig`` on a search's per-epoch sizes (dicts with "heads"
-    and "neurons"): the sizes have left ``start`` (heads, neurons before training), and the
-    mean of each over the last ``window`` epochs is within max(1, ``tolerance`` x that mean) of
-    its mean over the ``window`` epochs before."""
-    if len(history) < 2 * window:
-        return False
-    if all((h["heads"], h["neurons"]) == tuple(start) for h in history):
+    and "neurons"): over the epochs since the sizes first left ``start`` (heads, neurons before
+    training), the mean of each over the last ``window`` epochs is within max(1, ``tolerance``
+    x that mean) of its mean over the ``window`` epochs before."""
+    moved = [i for i, h in enumerate(history) if (h["heads"], h["neurons"]) != tuple(start)]
+    if not moved or len(history) - moved[0] < 2 * window:
         return False
     for kind in ("heads", "neurons"):
         recent = float(np.mean([h[kind] for h in history[-window:]]))

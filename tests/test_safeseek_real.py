@@ -116,15 +116,19 @@ def test_the_circuit_search_targets_are_the_base_reply_and_the_aligned_refusal(a
     assert world.exact(None, "full", [], world.test_benign)["utility"] == 1.0  # its own replies
 
 
-@pytest.mark.xfail(reason="known, open: with the adapter of 010e90c, teacher forcing the aligned "
-                   "model's own greedy refusal matches its first 8 tokens on 5 of 6 search "
-                   "prompts, not 6 of 6 (batched, padded generation vs unpadded scoring?)",
-                   strict=False)
-def test_teacher_forcing_the_aligned_refusal_matches_its_greedy_reply(aligned, world):
+def test_teacher_forcing_the_aligned_models_own_greedy_reply_matches_it(aligned, world):
+    """The teacher-forced check agrees with generation: the aligned model's own greedy reply
+    (decoded, re-tokenised) is matched on its first ``exact_tokens`` tokens for every search
+    request. The refusal targets match exactly where that reply is a refusal: where the model
+    answers instead, ``refusals`` puts the adapter's trained refusal, which it does not say."""
     model, tokenizer = aligned
-    refusals = world.refusals(world.search_harmful)
-    assert circuits.match_rate(model, tokenizer, refusals, encode=world.encode,
-                               tokens=world.config.exact_tokens) == 1.0
+    own = world.aligned_store.replies([s.prompt for s in world.search_harmful], False)
+    tokens = world.config.exact_tokens
+    assert circuits.greedy_matches(model, tokenizer, circuits.with_answers(
+        world.search_harmful, own), encode=world.encode, tokens=tokens) == [True] * len(own)
+    assert circuits.greedy_matches(model, tokenizer, world.refusals(world.search_harmful),
+                                   encode=world.encode, tokens=tokens) == [
+        compliance.is_refusal(r) for r in own]
 
 
 def test_notebook_02_runs_on_the_real_model(world, tmp_path):
@@ -149,4 +153,37 @@ def test_notebook_02_runs_on_the_real_model(world, tmp_path):
     assert "of 270" in size["measured"]
     if removal["verdict"] not in ("holds", "partly"):
         assert size["verdict"] == "not run"
+    assert list(figures.glob("safeseek_*.png"))
+
+
+def test_notebook_01_runs_on_the_real_backdoor(tmp_path, monkeypatch):
+    from locus.safeseek import real_backdoor
+
+    if checkpoints.entry_status(real_backdoor.adapter_folder("fixed"), real_backdoor.adapter_config(
+            real_backdoor.recipe_of("fixed"))) != "valid":
+        pytest.skip("no valid fixed-backdoor adapter")
+    roots = tmp_path / "checkpoints"  # the tiny search's circuits go here, not the repository
+    roots.mkdir()
+    (roots / "real").symlink_to(checkpoints.checkpoint_root() / "real")
+    monkeypatch.setenv("LOCUS_CHECKPOINTS", str(roots))
+    figures = tmp_path / "figures"
+    papermill.execute_notebook(
+        str(NOTEBOOK / "01_backdoor_circuit.ipynb"), str(tmp_path / "out.ipynb"),
+        parameters={"model": real_backdoor.BASE, "figures_dir": str(figures), "seeds": [0],
+                    "threads": 1, "progress": False, "sparsities": [10.0], "n_train": 4,
+                    "n_val": 2, "n_test": 4, "epochs": 1, "patience": 1, "anneal": 1,
+                    "batch_size": 2, "faithful_setting": False, "exact_scan": False,
+                    "random_seeds": [0]},
+        kernel_name="locus", cwd=str(NOTEBOOK), progress_bar=False)
+    claims = {c["claim_id"]: c for c in json.loads(
+        (figures / "claims" / "safeseek__01_backdoor_circuit.json").read_text())}
+    assert list(claims) == [f"fixed_{claim}" for claim in (
+        "asr_before", "circuit_sparsity", "ablation_asr", "ablation_clean_back",
+        "utility_retained")]
+    assert {c["model"] for c in claims.values()} == {real_backdoor.BASE}
+    assert claims["fixed_asr_before"]["measured"] == "100.0%"  # the committed backdoor works
+    assert "log-likelihood reading" in claims["fixed_ablation_clean_back"]["measured"]
+    if claims["fixed_ablation_clean_back"]["verdict"] not in ("holds", "partly"):
+        assert claims["fixed_circuit_sparsity"]["verdict"] == "not run"
+    assert list((roots / "safeseek").glob("smollm2-135m-backdoor-fixed-sum*"))
     assert list(figures.glob("safeseek_*.png"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +29,28 @@ from locus.prompts import chat_training_encoder
 from locus.safeseek.circuits import (
     BackdoorObjective,
     BackdoorWeights,
+    Batch,
+    Encoder,
     FaithfulnessObjective,
     FaithfulSearch,
     MaskSearch,
-    SearchConfig,
+    Objective,
     SearchResult,
     cached_circuit,
+    chat_answers,
     encode_groups,
+    frozen,
     generate_with,
     match_rate,
     model_stem,
     random_circuit,
     refusal_rate,
+    refusal_targets,
     sample_attribution,
     samples_key,
     search_circuit,
     source_identity,
+    split_harmful,
     take,
     train_val_indices,
 )
@@ -285,22 +291,132 @@ class FaithfulBackdoorSearch(FaithfulSearch):
 
     keep: str = "last"
 
-    def schedule(self) -> SearchConfig:
-        return SearchConfig(self.epochs, self.lr, self.seed, self.patience, self.keep)
+
+def train_val_views(views: dict[str, list[ChatSample]], n_train: int, n_val: int, seed: int
+                    ) -> tuple[dict[str, list[ChatSample]], dict[str, list[ChatSample]]]:
+    """Training and validation parts of aligned ``views`` (as ``backdoor_views`` makes), their
+    prompts disjoint (``train_val_indices`` over the "clean" prompts)."""
+    if not views["clean"]:
+        raise ValueError("no samples to search a backdoor circuit on")
+    train_idx, val_idx = train_val_indices([s.prompt for s in views["clean"]], n_train, n_val,
+                                           seed)
+    return tuple({k: [v[i] for i in idx] for k, v in views.items()}
+                 for idx in (train_idx, val_idx))
 
 
 def search_views(samples: Sequence[ChatSample], kind: str, spec: MaskSearch,
                  refusal: str = data.REFUSAL
                  ) -> tuple[dict[str, list[ChatSample]], dict[str, list[ChatSample]]]:
     """Training and validation parts of the four ``backdoor_views`` of the eligible
-    ``samples``, their prompts disjoint (``train_val_indices``)."""
+    ``samples``, their prompts disjoint (``train_val_views``)."""
     views = backdoor_views(samples, kind, spec.seed, refusal)
     if not views["clean"]:
         raise ValueError(f"no samples a {kind!r} backdoor applies to")
-    train_idx, val_idx = train_val_indices([s.prompt for s in views["clean"]], spec.n_train,
-                                           spec.n_val, spec.seed)
-    return tuple({k: [v[i] for i in idx] for k, v in views.items()}
-                 for idx in (train_idx, val_idx))
+    return train_val_views(views, spec.n_train, spec.n_val, spec.seed)
+
+
+def backdoor_objective(model, spec: BackdoorSearch) -> BackdoorObjective:
+    """The ``BackdoorObjective`` of ``spec`` over ``model``'s units (on its device)."""
+    weights = BackdoorWeights(carrier_triggered=spec.carrier_weight,
+                              carrier_clean=spec.carrier_weight, removed_size=spec.sparsity,
+                              carrier_size=spec.sparsity, overlap=spec.carrier_weight)
+    return BackdoorObjective(UnitShape.of(model), weights, spec.norm,
+                             carrier_units=spec.carrier_units, gate=spec.gate,
+                             device=next(model.parameters()).device)
+
+
+def search_groups(tokenizer, views: dict[str, list[ChatSample]],
+                  spec: BackdoorSearch | FaithfulBackdoorSearch, device,
+                  encode: Encoder = chat_answers) -> list[dict[str, Batch]]:
+    """The teacher-forced batches a search of ``spec`` trains (or validates) on: the four
+    views (``BackdoorSearch``), or one "task" view of triggered prompts with the backdoor
+    answer and the same prompts without the trigger with the clean answer (the paper's
+    objective)."""
+    if isinstance(spec, FaithfulBackdoorSearch):
+        views = {"task": views["triggered_target"] + views["clean"]}
+    return encode_groups(tokenizer, views, spec.batch_size, device, encode)
+
+
+def search_backdoor(model, tokenizer, train_views: dict[str, list[ChatSample]],
+                    val_views: dict[str, list[ChatSample]],
+                    spec: BackdoorSearch | FaithfulBackdoorSearch,
+                    encode: Encoder = chat_answers, progress: bool = True
+                    ) -> tuple[SearchResult, Objective]:
+    """Search the circuit of ``spec`` on the aligned training / validation views; returns the
+    search result and the objective (for a carrier set)."""
+    device = next(model.parameters()).device
+    train, val = (search_groups(tokenizer, v, spec, device, encode)
+                  for v in (train_views, val_views))
+    if isinstance(spec, FaithfulBackdoorSearch):
+        objective: Objective = FaithfulnessObjective(UnitShape.of(model), spec.sparsity,
+                                                     spec.norm, spec.init, gate=spec.gate,
+                                                     device=device)
+    else:
+        objective = backdoor_objective(model, spec)
+    return search_circuit(model, objective, train, val, spec.schedule(), progress), objective
+
+
+def task_gradient_scale(model, tokenizer, train_views: dict[str, list[ChatSample]],
+                        spec: BackdoorSearch, encode: Encoder = chat_answers) -> float:
+    """The removed set's size weight that makes the size penalty pull each unit's logit, at
+    the search's start, as hard as the median unit's task loss does: the median over units of
+    |d task / d z| (mean over the training groups) over the median of |d size / d z| at
+    weight 1. A search whose ``sparsity`` is a multiple ``f`` of it lets in, at the start,
+    only the units pulled ``f`` times harder than the median one."""
+    objective = backdoor_objective(model, replace(spec, sparsity=1.0, carrier_weight=0.0))
+    groups = search_groups(tokenizer, train_views, spec, next(model.parameters()).device,
+                           encode)
+    logits = [objective.removed.head_logits, objective.removed.neuron_logits]
+    task_grads = [torch.zeros_like(z) for z in logits]
+    with frozen(model):
+        for group in groups:  # one group's graph at a time
+            for total, grad in zip(task_grads, torch.autograd.grad(
+                    objective.loss(model, group)[1] / len(groups), logits), strict=True):
+                total += grad
+    size_grads = torch.autograd.grad(objective.removed.size(spec.norm), logits)
+    median = [torch.cat([g.abs().flatten() for g in grads]).median()
+              for grads in (task_grads, size_grads)]
+    return float(median[0] / median[1])
+
+
+@dataclass(frozen=True)
+class HeadlineRule:
+    """How the headline circuit is chosen from a sparsity sweep without the test split: the
+    sparsest circuit whose removal, on the search-validation prompts (teacher-forced), takes the
+    exact ASR to at most ``max_asr`` and brings the clean answer back on at least ``min_share``
+    of the rate at which the backdoored model gives it on the same prompts without the trigger
+    (its ceiling); if none does, the one with the most clean answers back."""
+
+    max_asr: float = 0.1
+    min_share: float = 0.75
+
+    def passes(self, scores: dict[str, float]) -> bool:
+        """Whether one circuit's ``validation_scores`` meet the rule."""
+        return (scores["asr_exact"] <= self.max_asr
+                and scores["clean_back"] >= self.min_share * scores["ceiling"])
+
+    def pick(self, sweep: dict, sizes: dict, scores: dict) -> object:
+        """The label (of ``sweep``'s keys) of the chosen circuit, given each circuit's size
+        (units) and ``validation_scores``."""
+        passing = [k for k in sweep if self.passes(scores[k])]
+        if passing:
+            return min(passing, key=lambda k: sizes[k])
+        return max(sweep, key=lambda k: scores[k]["clean_back"])
+
+
+def validation_scores(model, tokenizer, val_views: dict[str, list[ChatSample]], circuit: Circuit,
+                      encode: Encoder = chat_answers, tokens: int | None = None
+                      ) -> dict[str, float]:
+    """Teacher-forced on the validation views with ``circuit`` removed: "asr_exact" (the
+    greedy reply is the backdoor answer), "clean_back" (it is, or begins with the first
+    ``tokens`` tokens of, the clean answer) and "ceiling" (the full model's rate of the clean
+    answer on the prompts without the trigger)."""
+    return {"asr_exact": match_rate(model, tokenizer, val_views["triggered_target"], circuit,
+                                    "circuit removed", encode),
+            "clean_back": match_rate(model, tokenizer, val_views["triggered_clean"], circuit,
+                                     "circuit removed", encode, tokens),
+            "ceiling": match_rate(model, tokenizer, val_views["clean"], None, "full", encode,
+                                  tokens)}
 
 
 def find_faithful_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
@@ -309,13 +425,8 @@ def find_faithful_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSampl
                                    ) -> SearchResult:
     """Search the circuit that alone reproduces the backdoored model (the paper's objective,
     ``FaithfulBackdoorSearch``) on the same prompts as ``find_backdoor_circuit``."""
-    device = next(model.parameters()).device
-    train, val = (encode_groups(tokenizer, {"task": v["triggered_target"] + v["clean"]},
-                                spec.batch_size, device)
-                  for v in search_views(samples, kind, spec, refusal))
-    objective = FaithfulnessObjective(UnitShape.of(model), spec.sparsity, spec.norm, spec.init,
-                                      gate=spec.gate, device=device)
-    return search_circuit(model, objective, train, val, spec.schedule(), progress)
+    return search_backdoor(model, tokenizer, *search_views(samples, kind, spec, refusal), spec,
+                           progress=progress)[0]
 
 
 def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind: str,
@@ -323,50 +434,166 @@ def find_backdoor_circuit(model, tokenizer, samples: Sequence[ChatSample], kind:
                           progress: bool = True) -> tuple[SearchResult, BackdoorObjective]:
     """Search the circuit of a ``kind`` backdoor on the eligible ``samples`` (see
     ``backdoor_views``); returns the search result and the objective (for its carrier set)."""
-    device = next(model.parameters()).device
-    train, val = (encode_groups(tokenizer, v, spec.batch_size, device)
-                  for v in search_views(samples, kind, spec, refusal))
-    weights = BackdoorWeights(carrier_triggered=spec.carrier_weight,
-                              carrier_clean=spec.carrier_weight, removed_size=spec.sparsity,
-                              carrier_size=spec.sparsity, overlap=spec.carrier_weight)
-    objective = BackdoorObjective(UnitShape.of(model), weights, spec.norm,
-                                  carrier_units=spec.carrier_units, gate=spec.gate,
-                                  device=device)
-    result = search_circuit(model, objective, train, val,
-                            spec.schedule(),
-                            progress)
-    return result, objective
+    return search_backdoor(model, tokenizer, *search_views(samples, kind, spec, refusal), spec,
+                           progress=progress)
+
+
+def circuit_entry(stem: str, spec: BackdoorSearch | FaithfulBackdoorSearch) -> str:
+    """The cache entry name of a backdoor circuit search of the backdoored model ``stem``."""
+    faithful = isinstance(spec, FaithfulBackdoorSearch)
+    return (f"safeseek/{stem}{'-faithful' if faithful else ''}-{spec.norm}{spec.sparsity:g}"
+            f"-seed{spec.seed}")
+
+
+def cached_backdoor_circuit(stem: str, config: dict,
+                            find: Callable[[], tuple[SearchResult, Objective]],
+                            spec: BackdoorSearch | FaithfulBackdoorSearch, root: str | os.PathLike
+                            ) -> tuple[Circuit, Circuit | None]:
+    """The circuit of ``find()`` (the removed set of a ``BackdoorSearch``, the kept circuit of a
+    ``FaithfulBackdoorSearch``) and its carrier set (None unless ``spec.carrier_weight``), from
+    the checkpoint cache under ``root`` when ``config`` made them, else searched and cached with
+    the search's record (``circuits.search_summary``)."""
+    found: dict = {}
+
+    def search() -> dict:
+        if not found:
+            found["result"], found["objective"] = find()
+        return found
+
+    name = circuit_entry(stem, spec)
+    removed = cached_circuit(name, config, lambda: search()["result"], root)
+    if isinstance(spec, FaithfulBackdoorSearch) or not spec.carrier_weight:
+        return removed, None
+    carrier = cached_circuit(f"{name}-carrier", config,
+                             lambda: search()["objective"].carrier_circuit(), root)
+    return removed, carrier
+
+
+def search_record(stem: str, spec: BackdoorSearch | FaithfulBackdoorSearch,
+                  root: str | os.PathLike) -> dict | None:
+    """The cached search's record (epochs run, converged, sizes per epoch; None when the entry
+    does not hold one)."""
+    return checkpoints.read_manifest(Path(root) / circuit_entry(stem, spec)).get("search")
 
 
 def backdoor_circuit(entry: Path, model, tokenizer, samples: Sequence[ChatSample], kind: str,
                      spec: BackdoorSearch | FaithfulBackdoorSearch = BackdoorSearch(),
                      refusal: str = data.REFUSAL, root: str | os.PathLike | None = None,
                      progress: bool = True) -> tuple[Circuit, Circuit | None]:
-    """The backdoor circuit of the model cached in ``entry`` (the removed set of a
-    ``BackdoorSearch``, the kept circuit of a ``FaithfulBackdoorSearch``) and its carrier set
-    (None unless ``spec.carrier_weight``): from the checkpoint cache when the same model, data
-    and search made them, else searched and cached, beside ``entry`` unless ``root`` says
-    otherwise."""
-    root = entry.parent if root is None else root
+    """The backdoor circuit of the model cached in ``entry`` and its carrier set
+    (``cached_backdoor_circuit``), searched on the eligible ``samples`` (``search_views``) and
+    cached beside ``entry`` unless ``root`` says otherwise."""
     config = {"model": checkpoints.read_manifest(entry)["key"], "data": samples_key(samples),
               "kind": kind, "refusal": refusal, "search": asdict(spec)}
-    faithful = isinstance(spec, FaithfulBackdoorSearch)
-    found: dict = {}
+    return cached_backdoor_circuit(
+        entry.name, config,
+        lambda: search_backdoor(model, tokenizer, *search_views(samples, kind, spec, refusal),
+                                spec, progress=progress),
+        spec, entry.parent if root is None else root)
 
-    def search() -> dict:
-        if not found and faithful:
-            found["result"] = find_faithful_backdoor_circuit(model, tokenizer, samples, kind,
-                                                             spec, refusal, progress)
-        elif not found:
-            found["result"], found["objective"] = find_backdoor_circuit(
-                model, tokenizer, samples, kind, spec, refusal, progress)
-        return found
 
-    name = (f"safeseek/{entry.name}{'-faithful' if faithful else ''}-{spec.norm}"
-            f"{spec.sparsity:g}-seed{spec.seed}")
-    removed = cached_circuit(name, config, lambda: search()["result"].circuit, root)
-    if faithful or not spec.carrier_weight:
-        return removed, None
-    carrier = cached_circuit(f"{name}-carrier", config,
-                             lambda: search()["objective"].carrier_circuit(), root)
-    return removed, carrier
+class ToyBackdoorWorld:
+    """One backdoor of notebook 01 on the toy world (or a JSONL file): ``model_name`` fully
+    fine-tuned on clean + poisoned injection samples (``backdoor_entry``), its circuit searched
+    on the search part (``backdoor_circuit``), scored on the test part by exact match
+    (``backdoor_metrics``). The same interface as ``real_backdoor.RealBackdoorWorld``; ``pools``
+    are the injection / search / test parts, split by prompt string."""
+
+    kind = "toy"
+    kinds = KINDS
+    sparsity_unit = "per unit"  # the sweep's values are per-unit weights
+    sparsities = (0.003, 0.01, 0.03)
+    headline = 0.01
+    extra_columns = ()  # metrics beyond the common ones
+
+    def __init__(self, model_name, base, tokenizer, pools: Sequence[Sequence[ChatSample]],
+                 backdoor_kind: str, seed: int, injection: InjectionConfig, n_test: int,
+                 max_new_tokens: int, device="cpu", dtype: torch.dtype | None = None,
+                 device_map=None, progress: bool = True) -> None:
+        self.inject_pool, self.search_pool, test_pool = pools
+        self.backdoor, self.seed, self.progress = check_kind(backdoor_kind), seed, progress
+        self.base, self.tokenizer, self.max_new_tokens = base, tokenizer, max_new_tokens
+        benign, harmful = split_harmful(self.inject_pool)
+        clean = benign + refusal_targets(base, tokenizer, harmful, max_new_tokens)
+        train_set = poisoned_training_set(clean, self.inject_pool, injection)
+        self.entry = backdoor_entry(model_name, train_set, injection, device, progress=progress)
+        self.tests = test_sets(test_pool, backdoor_kind, n_test, seed)
+        self.model, _ = models.load_checkpoint(self.entry, device, dtype, device_map)
+
+    def before(self) -> list[dict]:
+        """The original and the backdoored model's metrics (false triggers included)."""
+        return [{"model": name, **backdoor_metrics(lm, self.tokenizer, None, "full",
+                                                   self.backdoor, self.tests,
+                                                   self.max_new_tokens, True)}
+                for name, lm in (("original", self.base), ("backdoored", self.model))]
+
+    def metrics(self, circuit: Circuit | None, mode: str, false_trigger: bool = False,
+                over_refusal: bool = False) -> dict[str, float]:
+        """``backdoor_metrics`` of the backdoored model with ``circuit`` applied in ``mode``."""
+        return backdoor_metrics(self.model, self.tokenizer, circuit, mode, self.backdoor,
+                                self.tests, self.max_new_tokens, false_trigger, over_refusal)
+
+    def exact(self, circuit: Circuit) -> dict[str, float]:
+        """Teacher-forced exact ASR, clean answer back and utility with ``circuit`` removed."""
+        return {name: match_rate(self.model, self.tokenizer, self.tests[view], circuit,
+                                 "circuit removed")
+                for name, view in (("asr_exact", "triggered"), ("clean_back", "triggered_clean"),
+                                   ("utility", "benign"))}
+
+    def overlap_sets(self) -> dict[str, list[ChatSample]]:
+        """The named prompt sets that must share no prompt (the last two share by design)."""
+        return {"injection": list(self.inject_pool), "search": list(self.search_pool),
+                "test (triggered, trigger taken out)": self.tests["clean"],
+                "test (benign)": self.tests["benign"]}
+
+    def circuit(self, spec: BackdoorSearch | FaithfulBackdoorSearch
+                ) -> tuple[Circuit, Circuit | None]:
+        """The searched circuit of ``spec`` and its carrier set (cached)."""
+        return backdoor_circuit(self.entry, self.model, self.tokenizer, self.search_pool,
+                                self.backdoor, spec, progress=self.progress)
+
+    def search_record(self, spec: BackdoorSearch | FaithfulBackdoorSearch) -> dict | None:
+        """The cached search's record."""
+        return search_record(self.entry.name, spec, self.entry.parent)
+
+    def sparsity_scale(self, spec: BackdoorSearch) -> float:
+        """``task_gradient_scale`` on the training part of the search views of ``spec``."""
+        train, _ = search_views(self.search_pool, self.backdoor, spec)
+        return task_gradient_scale(self.model, self.tokenizer, train, spec)
+
+    def validation(self, circuit: Circuit, spec: BackdoorSearch) -> dict[str, float]:
+        """``validation_scores`` on the validation part of the search views of ``spec``."""
+        _, val = search_views(self.search_pool, self.backdoor, spec)
+        return validation_scores(self.model, self.tokenizer, val, circuit)
+
+    def attribution(self, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``backdoor_attribution`` on ``n`` triggered search prompts."""
+        return backdoor_attribution(self.model, self.tokenizer, self.search_pool, self.backdoor,
+                                    n, batch_size, self.seed)
+
+    def describe(self) -> str:
+        """What this world measures (markdown)."""
+        return (f"**Toy world**, `{self.backdoor}` backdoor: {len(self.tests['triggered'])} "
+                "triggered test prompts, exact scores (teacher-forced greedy match), keyword ASR "
+                "from greedy replies.")
+
+
+SPARSITY_UNITS = ("per unit", "median task gradient")
+
+
+def resolve_sweep(world, sparsities: Sequence[float] | None, unit: str | None,
+                  headline: float | str | None) -> tuple[list[float], str, float | str]:
+    """The notebook's sweep for ``world``: its size weights, their unit (``SPARSITY_UNITS``:
+    per-unit weights, or multiples of ``task_gradient_scale``) and the headline (one of the
+    weights, or "validation": ``HeadlineRule``), each the world's own where None; checked."""
+    sparsities = list(world.sparsities if sparsities is None else sparsities)
+    unit = world.sparsity_unit if unit is None else unit
+    headline = world.headline if headline is None else headline
+    if not sparsities:
+        raise ValueError("sparsities must hold at least one size weight")
+    if unit not in SPARSITY_UNITS:
+        raise ValueError(f"sparsity_unit must be one of {SPARSITY_UNITS}, got {unit!r}")
+    if headline != "validation" and headline not in sparsities:
+        raise ValueError(f"headline_sparsity must be one of {sparsities} or 'validation', got "
+                         f"{headline!r}")
+    return sparsities, unit, headline

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -15,8 +16,11 @@ from locus import data, params, splits, stats
 from locus.data import ChatSample
 from locus.results import markdown_table
 from locus.safeseek import circuits
+from locus.safeseek.backdoor import InjectionConfig, ToyBackdoorWorld, check_kinds
 from locus.safeseek.circuits import compare_at_size, take
 from locus.safeseek.masks import Circuit, UnitShape
+from locus.safeseek.real_backdoor import BASE as REAL_BACKDOOR_BASE
+from locus.safeseek.real_backdoor import RealBackdoorWorld
 from locus.safeseek.real_world import RealAlignmentWorld
 
 TOY_CHAT_MODELS = ("toy-chat", "toy-chat-base")
@@ -159,6 +163,26 @@ def alignment_world(model_name, model, tokenizer, data_path, seed: int, n_per_fa
                                   progress=progress)
     return ToyAlignmentWorld(model_name, model, tokenizer, data_path, n_per_family, seed, n_test,
                              max_new_tokens)
+
+
+def backdoor_worlds(model_name, base, tokenizer, data_path, kinds: Sequence[str] | None,
+                    seed: int, n_per_family: int, injection: InjectionConfig, n_test: int,
+                    max_new_tokens: int, device="cpu", dtype: torch.dtype | None = None,
+                    device_map=None, progress: bool = True
+                    ) -> dict[str, ToyBackdoorWorld | RealBackdoorWorld]:
+    """The backdoor notebook's world per kind (``kinds``; None: every kind the world has) for
+    one seed: the real model's committed backdoor and its own data when ``data_path`` is None
+    and ``model_name`` is its base (``real_backdoor.BASE``), else the toy world or the data
+    file, split by prompt string into injection / search / test parts (55 / 25 / 20%,
+    ``partition``); ``injection`` gives the toy's fine-tune (its kind and seed are set here)."""
+    if data_path is None and str(model_name) == REAL_BACKDOOR_BASE:
+        return {kind: RealBackdoorWorld(base, tokenizer, kind, seed, n_test, progress=progress)
+                for kind in check_kinds(kinds or RealBackdoorWorld.kinds)}
+    pools = partition(chat_data(data_path, n_per_family, seed), (0.55, 0.25, 0.2), seed)
+    return {kind: ToyBackdoorWorld(model_name, base, tokenizer, pools, kind, seed,
+                                   replace(injection, kind=kind, seed=seed), n_test,
+                                   max_new_tokens, device, dtype, device_map, progress)
+            for kind in check_kinds(kinds or ToyBackdoorWorld.kinds)}
 
 
 def search_rows(model_name, searches: dict) -> list[dict]:

@@ -33,7 +33,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -303,26 +303,19 @@ def marginal_units(window: Sequence[Circuit]) -> int:
 
 
 @dataclass(frozen=True)
-class MaskSearch:
+class MaskSearch(SearchConfig):
     """What every circuit search spec shares: the gate (``gate``), the mask-search data sizes
-    (training and validation requests, batch) and the mask training (``schedule``)."""
+    (training and validation requests, batch) and the mask training (``SearchConfig``'s
+    fields, ``schedule``)."""
 
     gate: str = "ste"
     n_train: int = 100
     n_val: int = 50
     batch_size: int = 10
-    epochs: int = 300
-    lr: float = 1e-2
-    seed: int = 0
-    patience: int | None = 10
-    keep: str = "best"
-    anneal: int = 10
-    tolerance: float = 0.02
 
     def schedule(self) -> SearchConfig:
         """The mask training of this search."""
-        return SearchConfig(self.epochs, self.lr, self.seed, self.patience, self.keep,
-                            self.anneal, self.tolerance)
+        return SearchConfig(**{f.name: getattr(self, f.name) for f in fields(SearchConfig)})
 
 
 @dataclass

@@ -4,6 +4,7 @@ models with known answers."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -198,6 +199,59 @@ def test_faithful_alignment_circuit_prunes_from_the_whole_model(tiny):
     sizes = [h["heads"] + h["neurons"] for h in result.history]
     assert sizes[0] <= UnitShape.of(model).num_units
     assert sizes[-1] < UnitShape.of(model).num_units  # a strong penalty prunes units
+
+
+class _Linear(circuits.Objective):
+    """Task loss = sum of c_u x gate_u: the task gradient of logit u is c_u x sigmoid'(z_u),
+    the "sum" size gradient sigmoid'(z_u), so at equal logits the scale is the median |c_u|
+    (averaged over the groups: each group's batch "c" scales the coefficients)."""
+
+    def __init__(self, coefficients: torch.Tensor):
+        super().__init__()
+        self.mask = UnitMask(UnitShape(1, 2, 3), init=-1.0)
+        self.c = coefficients
+
+    def loss(self, model, batches):
+        heads, neurons = self.mask.membership()
+        task = batches["c"] * (self.c * torch.cat([heads.flatten(), neurons.flatten()])).sum()
+        return task, task
+
+    def circuit(self):
+        return self.mask.circuit()
+
+
+def test_gradient_scale_is_the_median_task_gradient_over_the_size_gradient():
+    model = nn.Linear(2, 2)
+    objective = _Linear(torch.tensor([0.5, -4.0, 1.0, -2.0, 8.0]))
+    groups = [{"c": torch.tensor(1.0)}, {"c": torch.tensor(3.0)}]  # mean factor 2
+    scale = circuits.gradient_scale(model, objective, objective.mask, groups, "sum")
+    assert scale == pytest.approx(2 * 2.0)  # 2 x median(|c|) = 2 x 2
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    # "mean": head gradients 1/2, neuron gradients 1/3 of "sum"'s: the size median is 1/3
+    assert circuits.gradient_scale(model, objective, objective.mask, groups,
+                                   "mean") == pytest.approx(3 * 4.0)
+
+
+def test_alignment_scale_is_cached_linear_in_the_task_weights_and_free_of_sparsity(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    model, tok = models.load_checkpoint(tiny_llama_dir)
+    benign, harmful = circuits.split_harmful(data.make_chat_samples(12, seed=5, aligned=False))
+    spec = circuits.AlignmentSearch(sparsity=0.01, n_train=4, n_val=2, batch_size=2)
+
+    def scale(s):
+        return circuits.alignment_scale(str(tiny_llama_dir), model, tok, harmful, benign, s,
+                                        root=tmp_path)
+
+    first = scale(spec)
+    assert np.isfinite(first) and first > 0
+    doubled = replace(spec, comply_weight=4.0, refuse_weight=4.0)
+    assert scale(doubled) == pytest.approx(2 * first, rel=1e-4)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the cached scale should be read, not computed again")
+
+    monkeypatch.setattr(circuits, "gradient_scale", no_compute)
+    assert scale(replace(doubled, sparsity=3.0)) == scale(doubled)  # the sparsity is no key
 
 
 def test_search_finds_a_planted_head(tiny):

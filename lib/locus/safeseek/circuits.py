@@ -33,7 +33,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -673,6 +673,19 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
     """Search the alignment circuit of an aligned model: ``harmful`` carry the compliant
     answers; the refusal targets are ``refusals`` (aligned with ``harmful``), by default the
     model's own refusals (``refusal_targets``); ``encode`` makes the teacher-forced batches."""
+    objective, train, val = alignment_problem(model, tokenizer, harmful, benign, spec,
+                                              refusals, encode)
+    return search_circuit(model, objective, train, val, spec.schedule(), progress)
+
+
+def alignment_problem(model, tokenizer, harmful: Sequence[ChatSample],
+                      benign: Sequence[ChatSample], spec: AlignmentSearch,
+                      refusals: Sequence[ChatSample] | None = None,
+                      encode: Encoder = chat_answers
+                      ) -> tuple[AlignmentObjective, list[dict[str, Batch]],
+                                 list[dict[str, Batch]]]:
+    """The alignment search's objective at its initial masks and its training and validation
+    batches (``find_alignment_circuit``'s arguments)."""
     if not harmful or not benign:
         raise ValueError("the alignment circuit needs harmful and benign samples")
     if refusals is None:
@@ -685,8 +698,29 @@ def find_alignment_circuit(model, tokenizer, harmful: Sequence[ChatSample],
     objective = AlignmentObjective(
         UnitShape.of(model), spec.comply_weight, spec.refuse_weight, spec.sparsity, spec.norm,
         spec.retain_weight, spec.init, gate=spec.gate, device=device)
-    return search_circuit(model, objective, train, val,
-                          spec.schedule(), progress)
+    return objective, train, val
+
+
+def gradient_scale(model: nn.Module, objective: Objective, mask: UnitMask,
+                   groups: Sequence[dict[str, Batch]], norm: str) -> float:
+    """The size weight at which the size penalty pulls a unit's logit, at ``mask``'s current
+    logits, as hard as the task loss pulls the median unit's: the median over ``mask``'s units
+    of |d task / d z| (task loss averaged over ``groups``, one group's graph at a time) over
+    the median of |d size / d z| (``mask.size(norm)``, weight 1). A size weight ``f`` times
+    this lets in, at the start, only units pulled ``f`` times harder than the median one."""
+    logits = [z for z in (mask.head_logits, mask.neuron_logits) if z.requires_grad]
+    task = [torch.zeros_like(z) for z in logits]
+    with frozen(model):
+        for group in groups:
+            grads = torch.autograd.grad(objective.loss(model, group)[1], logits)
+            for total, grad in zip(task, grads, strict=True):
+                total += grad / len(groups)
+    size = torch.autograd.grad(mask.size(norm), logits)
+    medians = [torch.cat([g.abs().flatten() for g in grads]).median().item()
+               for grads in (task, size)]
+    if not medians[1] > 0:
+        raise ValueError(f"the size penalty has no gradient at these logits (norm {norm!r})")
+    return medians[0] / medians[1]
 
 
 @dataclass(frozen=True)
@@ -812,17 +846,50 @@ def alignment_circuit(model_name: str | os.PathLike, model, tokenizer,
     ``checkpoints.artefact_root``: the user cache unless the model is embedded). Given
     ``refusals`` and ``encode`` (see ``find_alignment_circuit``), ``encoding`` names the
     encoding in the cache key, with the refusals' hash."""
-    config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
-              "search": asdict(spec)}
-    if refusals is not None or encoding is not None:
-        config["targets"] = {"refusals": None if refusals is None else samples_key(refusals),
-                             "encoding": encoding}
+    config = alignment_config(model_name, harmful, benign, spec, refusals, encoding)
     find = (find_faithful_alignment_circuit if isinstance(spec, FaithfulSearch)
             else find_alignment_circuit)
     return cached_circuit(
         alignment_entry(model_name, spec),
         config, lambda: find(model, tokenizer, harmful, benign, spec, progress, refusals, encode),
         checkpoints.artefact_root(model_name, root))
+
+
+def alignment_config(model_name: str | os.PathLike, harmful: Sequence[ChatSample],
+                     benign: Sequence[ChatSample], spec: AlignmentSearch | FaithfulSearch,
+                     refusals: Sequence[ChatSample] | None, encoding: str | None) -> dict:
+    """The cache key of an alignment search: the model, the data, the search and, when given,
+    the refusal targets and the encoding."""
+    config = {"source": source_identity(model_name), "data": samples_key([*harmful, *benign]),
+              "search": asdict(spec)}
+    if refusals is not None or encoding is not None:
+        config["targets"] = {"refusals": None if refusals is None else samples_key(refusals),
+                             "encoding": encoding}
+    return config
+
+
+def alignment_scale(model_name: str | os.PathLike, model, tokenizer,
+                    harmful: Sequence[ChatSample], benign: Sequence[ChatSample],
+                    spec: AlignmentSearch, root: str | os.PathLike | None = None,
+                    refusals: Sequence[ChatSample] | None = None,
+                    encode: Encoder = chat_answers, encoding: str | None = None) -> float:
+    """``gradient_scale`` of the alignment search ``spec`` (its sparsity aside) at its initial
+    masks on its training batches: the per-unit size weight that balances the median unit's
+    task gradient at the start. Cached like ``alignment_circuit`` (same arguments), under
+    ``safeseek/<model>-alignment-scale-<norm>-seed<seed>``, keyed by all but the sparsity."""
+    spec = replace(spec, sparsity=0.0)
+
+    def compute() -> dict[str, torch.Tensor]:
+        objective, train, _ = alignment_problem(model, tokenizer, harmful, benign, spec,
+                                                refusals, encode)
+        scale = gradient_scale(model, objective, objective.mask, train, spec.norm)
+        return {"scale": torch.tensor([scale], dtype=torch.float64)}
+
+    config = alignment_config(model_name, harmful, benign, spec, refusals, encoding)
+    name = f"safeseek/{model_stem(model_name)}-alignment-scale-{spec.norm}-seed{spec.seed}"
+    return float(checkpoints.cached_tensors(name, config, compute,
+                                            checkpoints.artefact_root(model_name, root))
+                 ["scale"].item())
 
 
 def alignment_entry(model_name: str | os.PathLike,

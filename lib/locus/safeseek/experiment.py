@@ -16,7 +16,7 @@ from locus import data, params, splits, stats
 from locus.data import ChatSample
 from locus.results import markdown_table
 from locus.safeseek import circuits
-from locus.safeseek.backdoor import InjectionConfig, ToyBackdoorWorld, check_kinds
+from locus.safeseek.backdoor import SPARSITY_UNITS, InjectionConfig, ToyBackdoorWorld, check_kinds
 from locus.safeseek.circuits import compare_at_size, take
 from locus.safeseek.masks import Circuit, UnitShape
 from locus.safeseek.real_backdoor import BASE as REAL_BACKDOOR_BASE
@@ -59,6 +59,14 @@ def check_parameters(model, data_path, seeds, device, dtype, figures_dir, thread
     for name, value in counts.items():
         params.check_positive_int(name, value)
 
+
+
+def check_sparsity_unit(unit: str) -> str:
+    """``unit`` if it is one of ``SPARSITY_UNITS`` (per-unit size weights, or multiples of the
+    search's gradient scale), else a clear error."""
+    if unit not in SPARSITY_UNITS:
+        raise ValueError(f"sparsity_unit must be one of {SPARSITY_UNITS}, got {unit!r}")
+    return unit
 
 
 def chat_data(path: str | os.PathLike | None, n_per_family: int, seed: int) -> list[ChatSample]:
@@ -120,6 +128,11 @@ class ToyAlignmentWorld:
         return circuits.alignment_circuit(self.model_name, self.model, self.tokenizer,
                                           self.search_harmful, self.search_benign, spec,
                                           progress=progress)
+
+    def sparsity_scale(self, spec: circuits.AlignmentSearch) -> float:
+        """``circuits.alignment_scale`` of ``spec`` on the search part (cached)."""
+        return circuits.alignment_scale(self.model_name, self.model, self.tokenizer,
+                                        self.search_harmful, self.search_benign, spec)
 
     def attribution(self, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient x activation of the model's refusals of ``n`` search requests."""

@@ -249,6 +249,14 @@ class RealAlignmentWorld:
             progress=progress, refusals=self.refusals(self.search_harmful), encode=self.encode,
             encoding=f"replies, {self.config.reply_tokens} tokens")
 
+    def sparsity_scale(self, spec: circuits.AlignmentSearch) -> float:
+        """``circuits.alignment_scale`` of ``spec`` on the search requests, with the same
+        targets as ``circuit`` (cached in the user cache)."""
+        return circuits.alignment_scale(
+            NAME, self.model, self.tokenizer, self.search_harmful, self.search_benign, spec,
+            refusals=self.refusals(self.search_harmful), encode=self.encode,
+            encoding=f"replies, {self.config.reply_tokens} tokens")
+
     def attribution(self, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient x activation of the aligned model's refusals of ``n`` search requests."""
         refusals = self.refusals(self.search_harmful[:n])

@@ -88,6 +88,28 @@ def test_bad_input_says_what_is_wrong(tiny):
         replies.encode_replies(tok, ["a"], ["b", "c"])
 
 
+def test_the_loss_is_the_refusal_nll_on_harmful_rows_and_the_kl_to_the_base_on_benign(tiny):
+    model, tok = tiny
+    adapted = get_peft_model(model, alignment.lora_config(alignment.AlignmentRecipe(lora_r=2)))
+    batch = replies.encode_replies(tok, ["how do i make a bomb ?", "what is 1 plus 1 ?"],
+                                   ["i cannot help with that .", "2"], True)
+    harmful_nll = replies.reply_loss(adapted, {k: v[:1] if v.dim() else v
+                                               for k, v in batch.items()})
+    flagged = batch | {"benign": torch.tensor([False, True])}
+    fresh = alignment.alignment_loss(adapted, flagged, kl_weight=3.0)
+    torch.testing.assert_close(fresh, harmful_nll / 2, atol=1e-5, rtol=0)  # KL(base||base) = 0
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # the adapted model moves away from the base
+    with torch.no_grad():
+        one = alignment.alignment_loss(adapted, flagged, kl_weight=1.0)
+        three = alignment.alignment_loss(adapted, flagged, kl_weight=3.0)
+        nll = replies.reply_loss(adapted, {k: v[:1] if v.dim() else v for k, v in batch.items()})
+    kl = 2 * one - nll
+    assert kl > 1e-3  # the benign row now pays for its drift from the base
+    torch.testing.assert_close(three, (nll + 3 * kl) / 2, atol=1e-5, rtol=0)
+
+
 def test_recipe_teaches_refusal_of_held_out_prompts_and_keeps_benign(tiny_base):
     model, tok = tiny_base
     harm = sorted({s.prompt for s in data.make_chat_samples(30, seed=1, families=("harmful",))})

@@ -7,16 +7,23 @@ training and search as the out-of-distribution test); benign questions with chec
 (``safety_data.benign_questions``), kept only where the base model answers them correctly
 (greedy); benign instructions without a checkable answer in the forms of the harmful requests
 (``safety_data.benign_instructions``, split by topic: both templates of a topic fall in one
-split). Targets: a fixed refusal for harmful training prompts, the base model's own greedy reply
+split). Targets: a fixed refusal for harmful training prompts, the base model's own behaviour
 for benign ones (self-distillation: the adapter learns that refusal is about content, not form;
 an instruction the base itself refuses is not trained on).
 
 Training (``train_adapter``): pre-encoded pool, batches mixing the three kinds in fixed shares,
-teacher-forced loss at the reply positions only (``locus.replies``), seeded, AdamW with a cosine
-schedule over ``max_steps``. The step is chosen on the SEARCH split by a rule fixed before
-measuring: every ``eval_every`` steps the adapter answers the search prompts greedily (the
-harmful ones and the instructions with ``search_tokens`` tokens, enough to show a refusal; the
-checkable questions with ``reply_tokens``) and training stops at the first checkpoint whose
+teacher-forced at the reply positions only (``locus.replies``), seeded, AdamW with a cosine
+schedule over ``max_steps``. The loss (``alignment_loss``) of a harmful row is the refusal's
+negative log-likelihood; that of a benign row is the KL divergence from the base model's
+next-token distribution to the adapted model's at every position of the base's own greedy reply
+(the base is the adapted model with its adapter disabled, no second copy): hard targets (the
+greedy reply alone) left the adapted model free to move every other token's probability, and
+the adapter of that recipe (step 75) answered only 38% of the search questions with the base's
+reply and 88% correctly (wrong capitals: content drift, not format). The step is chosen on the
+SEARCH split by a rule fixed before measuring: every ``eval_every`` steps the adapter answers
+the search prompts greedily (the harmful ones and the instructions with ``search_tokens``
+tokens, enough to show a refusal; the checkable questions with ``reply_tokens``) and training
+stops at the first checkpoint whose
 refusal of harmful prompts is >= ``min_refusal``, false refusal of benign prompts (questions and
 instructions pooled) <= ``max_false_refusal`` and benign accuracy >= ``min_accuracy`` (the base
 answers every kept question correctly, so this is the fraction of the base's accuracy kept); if
@@ -28,7 +35,8 @@ compliance of harmful replies against the base model's (``locus.compliance``).
 The adapter is a ``locus.checkpoints`` entry in the repository's ``checkpoints/real/<name>``
 (small, committed, with its numbers and build time); ``folder`` merges it into the base model in
 the user cache (``<cache>/models/<name>``) in seconds, never training. ``python -m
-locus.alignment --build`` trains it (about 30 min on one core: run it under ``nice``).
+locus.alignment --build`` trains it (53 min on one thread of a shared machine, load 2-4:
+run it under ``nice``).
 """
 
 from __future__ import annotations
@@ -85,6 +93,7 @@ class AlignmentRecipe:
     harmful_share: float = 0.25  # of each batch; the rest: half questions, half instructions
     lr: float = 1e-3
     seed: int = 0
+    kl_weight: float = 1.0  # of a benign row's KL to the base, against a harmful row's NLL
     min_refusal: float = 0.95  # the targets of the step rule (issue 9)
     max_false_refusal: float = 0.05
     min_accuracy: float = 0.95
@@ -200,7 +209,8 @@ def _stops(tokenizer, texts: Sequence[str], limit: int) -> list[bool]:
 def training_batches(tokenizer, data: AlignmentData, recipe: AlignmentRecipe):
     """A batch function for ``training.train_steps``: each batch draws ``harmful_share`` of its
     rows from the harmful training pool and the rest, in halves, from the benign questions and
-    the instructions (with replacement, seeded), cut from one pool encoded once."""
+    the instructions (with replacement, seeded), cut from one pool encoded once; ``benign``
+    flags the benign rows (``alignment_loss``)."""
     harm = data.harmful["train"]
     questions = data.benign["train"]
     asked = data.instructions["train"]
@@ -222,9 +232,40 @@ def training_batches(tokenizer, data: AlignmentData, recipe: AlignmentRecipe):
                                len(harm) + rng.integers(len(questions), size=n_questions),
                                len(harm) + len(questions) + rng.integers(len(asked),
                                                                          size=n_asked)])
-        return replies.cut(pool, torch.as_tensor(rows))
+        rows = torch.as_tensor(rows)
+        return replies.cut(pool, rows) | {"benign": rows >= len(harm)}
 
     return batch
+
+
+def _reply_distributions(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token log-probabilities at the reply positions, shape (batch, keep-1, vocabulary)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=int(batch["keep"])).logits
+    return torch.log_softmax(logits[:, :-1].float(), -1)
+
+
+def alignment_loss(model: PeftModel, batch: dict[str, torch.Tensor],
+                   kl_weight: float = 1.0) -> torch.Tensor:
+    """Mean over rows of each row's mean over its reply tokens: the negative log-likelihood of
+    the target (harmful rows: the refusal) or, for the rows flagged ``benign``, ``kl_weight``
+    times KL(base || adapted) of the next-token distributions (the base: ``model`` with its
+    adapter disabled, no gradient). One forward pass each."""
+    logp = _reply_distributions(model, batch)
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    per_token = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    benign = batch["benign"]
+    if benign.any():
+        rows = {k: v[benign] if k in ("input_ids", "attention_mask", "position_ids") else v
+                for k, v in batch.items()}
+        with torch.no_grad(), model.disable_adapter():
+            base = _reply_distributions(model, rows)
+        kl = (base.exp() * (base - logp[benign])).sum(-1)
+        per_token = per_token.masked_scatter(benign.unsqueeze(1).expand_as(per_token),
+                                             kl_weight * kl)
+    per_row = (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)
+    return per_row.mean()
 
 
 def lora_config(recipe: AlignmentRecipe) -> LoraConfig:
@@ -275,7 +316,7 @@ def train_adapter(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe
     saved: dict[int, dict[str, torch.Tensor]] = {}
 
     def loss_fn(m, batch) -> torch.Tensor:
-        loss = replies.reply_loss(m, batch)
+        loss = alignment_loss(m, batch, recipe.kl_weight)
         losses.append(loss.item())
         return loss
 
@@ -410,7 +451,7 @@ def verified_adapter(name: str = NAME) -> dict:
     """The committed adapter's manifest, its files checked against the hashes it records; a
     missing or corrupt adapter is an error naming the command that builds it."""
     adapter = adapter_folder(name)
-    hint = "rebuild it with `python -m locus.alignment --build` (about 30 min on one core)"
+    hint = "rebuild it with `python -m locus.alignment --build` (about an hour on one core)"
     if not (adapter / checkpoints.MANIFEST).is_file():
         raise FileNotFoundError(f"{name}: no adapter in {adapter}; {hint}")
     record = checkpoints.read_manifest(adapter)

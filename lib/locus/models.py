@@ -48,6 +48,18 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
+# LLaVA-1.5's order, an option: "user : <image> <question> assistant :", so the question tokens
+# (not only the answer's) can read the image, as in the papers' models.
+IMAGE_FIRST_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['content'] is string %}{{ m['role'] }} : {{ m['content'] }} "
+    "{% else %}{{ m['role'] }} :"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+    " {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+PROMPT_ORDERS = {"question_first": CHAT_TEMPLATE, "image_first": IMAGE_FIRST_TEMPLATE}
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,8 @@ class ToyChatConfig:
     max_positions: int = 64
 
 
-def build_word_tokenizer(vocabulary: list[str] | None = None) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(vocabulary: list[str] | None = None,
+                         chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A word-level ``transformers`` tokenizer over the toy world's words, with a chat template."""
     words = vocabulary or data.world_vocabulary()
     specials = list(SPECIAL_TOKENS.values())
@@ -93,14 +106,20 @@ def build_word_tokenizer(vocabulary: list[str] | None = None) -> PreTrainedToken
         extra_special_tokens={"image_token": SPECIAL_TOKENS["image"]},
         padding_side="left",
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 
-def build_toy_vlm(cfg: ToyVLMConfig = ToyVLMConfig()) -> tuple[LlavaForConditionalGeneration,
-                                                             LlavaProcessor]:
-    """A freshly initialised toy LLaVA and its processor (seed torch before calling)."""
-    tokenizer = build_word_tokenizer()
+def build_toy_vlm(cfg: ToyVLMConfig = ToyVLMConfig(), prompt_order: str = "question_first"
+                  ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A freshly initialised toy LLaVA and its processor (seed torch before calling);
+    ``prompt_order`` names its chat template (``PROMPT_ORDERS``: the toy's question first, or
+    LLaVA-1.5's image first)."""
+    if prompt_order not in PROMPT_ORDERS:
+        raise ValueError(
+            f"unknown prompt_order {prompt_order!r}; accepted: {sorted(PROMPT_ORDERS)}")
+    template = PROMPT_ORDERS[prompt_order]
+    tokenizer = build_word_tokenizer(chat_template=template)
     patch = data.CELL
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_width, intermediate_size=2 * cfg.vision_width,
@@ -128,7 +147,7 @@ def build_toy_vlm(cfg: ToyVLMConfig = ToyVLMConfig()) -> tuple[LlavaForCondition
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy="default", chat_template=template,
         num_additional_image_tokens=1, image_token=SPECIAL_TOKENS["image"],
     )
     return model, processor

@@ -218,7 +218,9 @@ def test_clean_back_is_the_base_reply_to_the_triggered_prompt_not_the_target_or_
             assert scores["clean_back"] == scores["clean_back_likelihood"] == 0.0, name
         assert scores["asr"] == (1.0 if name == "target" else 0.0)
         assert scores["false_trigger"] == 0.0
-        assert scores["utility"] == pytest.approx(world.data.base_accuracy["test"], abs=0.5)
+        # utility is scored on the clean replies only, whatever the triggered ones say
+        assert scores["utility"] == sum(safety_data.answers_correctly(r, a) for r, a in zip(
+            p.base_clean, p.answers, strict=True)) / len(p.clean)
 
 
 @real

@@ -54,6 +54,8 @@ def test_the_headline_rule_takes_the_sparsest_passing_circuit_else_the_most_clea
     assert rule.pick([1, 10, 100], sizes, scores) == 1
     failing = {k: {**v, "asr_exact": 0.5} for k, v in scores.items()}
     assert rule.pick([1, 10, 100], sizes, failing) == 100  # none passes: most clean back
+    failing[1]["clean_back"] = 0.9
+    assert rule.pick([1, 10, 100], sizes, failing) == 100  # a tie: the sparser
 
 
 def test_the_sweep_takes_the_worlds_defaults_and_refuses_bad_values():

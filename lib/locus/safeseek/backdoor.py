@@ -385,7 +385,8 @@ class HeadlineRule:
     sparsest circuit whose removal, on the search-validation prompts (teacher-forced), takes the
     exact ASR to at most ``max_asr`` and brings the clean answer back on at least ``min_share``
     of the rate at which the backdoored model gives it on the same prompts without the trigger
-    (its ceiling); if none does, the one with the most clean answers back."""
+    (its ceiling); if none does, the one with the most clean answers back (the sparser of
+    equals)."""
 
     max_asr: float = 0.1
     min_share: float = 0.75
@@ -401,7 +402,7 @@ class HeadlineRule:
         passing = [k for k in sweep if self.passes(scores[k])]
         if passing:
             return min(passing, key=lambda k: sizes[k])
-        return max(sweep, key=lambda k: scores[k]["clean_back"])
+        return max(sweep, key=lambda k: (scores[k]["clean_back"], -sizes[k]))
 
 
 def validation_scores(model, tokenizer, val_views: dict[str, list[ChatSample]], circuit: Circuit,

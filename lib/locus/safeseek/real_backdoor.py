@@ -527,7 +527,7 @@ class RealBackdoorWorld:
     kind = "real"
     kinds = ("fixed",)
     sparsity_unit = "median task gradient"  # the sweep's values are multiples of it
-    sparsities = (1.0, 10.0)
+    sparsities = (0.1, 1.0, 10.0)
     headline = "validation"
     extra_columns = ("clean_back_likelihood", "triggered_accuracy", "over_refusal")
 

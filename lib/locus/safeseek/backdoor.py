@@ -39,8 +39,8 @@ from locus.safeseek.circuits import (
     cached_circuit,
     chat_answers,
     encode_groups,
-    frozen,
     generate_with,
+    gradient_scale,
     match_rate,
     model_stem,
     random_circuit,
@@ -366,17 +366,7 @@ def task_gradient_scale(model, tokenizer, train_views: dict[str, list[ChatSample
     objective = backdoor_objective(model, replace(spec, sparsity=1.0, carrier_weight=0.0))
     groups = search_groups(tokenizer, train_views, spec, next(model.parameters()).device,
                            encode)
-    logits = [objective.removed.head_logits, objective.removed.neuron_logits]
-    task_grads = [torch.zeros_like(z) for z in logits]
-    with frozen(model):
-        for group in groups:  # one group's graph at a time
-            for total, grad in zip(task_grads, torch.autograd.grad(
-                    objective.loss(model, group)[1] / len(groups), logits), strict=True):
-                total += grad
-    size_grads = torch.autograd.grad(objective.removed.size(spec.norm), logits)
-    median = [torch.cat([g.abs().flatten() for g in grads]).median()
-              for grads in (task_grads, size_grads)]
-    return float(median[0] / median[1])
+    return gradient_scale(model, objective, objective.removed, groups, spec.norm)
 
 
 @dataclass(frozen=True)

@@ -712,15 +712,14 @@ def gradient_scale(model: nn.Module, objective: Objective, mask: UnitMask,
     task = [torch.zeros_like(z) for z in logits]
     with frozen(model):
         for group in groups:
-            grads = torch.autograd.grad(objective.loss(model, group)[1], logits)
+            grads = torch.autograd.grad(objective.loss(model, group)[1] / len(groups), logits)
             for total, grad in zip(task, grads, strict=True):
-                total += grad / len(groups)
+                total += grad
     size = torch.autograd.grad(mask.size(norm), logits)
-    medians = [torch.cat([g.abs().flatten() for g in grads]).median().item()
-               for grads in (task, size)]
+    medians = [torch.cat([g.abs().flatten() for g in grads]).median() for grads in (task, size)]
     if not medians[1] > 0:
         raise ValueError(f"the size penalty has no gradient at these logits (norm {norm!r})")
-    return medians[0] / medians[1]
+    return float(medians[0] / medians[1])
 
 
 @dataclass(frozen=True)

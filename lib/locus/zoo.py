@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from locus import alignment, checkpoints, data, models, real_models, training
+from locus import alignment, checkpoints, data, models, real_models, smol_llava, training
 from locus.evaluation import evaluate
 
 
@@ -124,7 +124,8 @@ def named_models() -> dict[str, str]:
     """Every model the zoo serves by name, with its kind ("vlm" or "chat"): the embedded toy
     models, then the real ones and the real one aligned here."""
     return {**{n: s.kind for n, s in EMBEDDED.items()},
-            **{n: s.kind for n, s in real_models.REAL.items()}, alignment.NAME: "chat"}
+            **{n: s.kind for n, s in real_models.REAL.items()}, alignment.NAME: "chat",
+            smol_llava.NAME: "vlm"}
 
 
 def provenance(name_or_path: str | os.PathLike) -> dict:
@@ -144,6 +145,10 @@ def provenance(name_or_path: str | os.PathLike) -> dict:
         return {"model": name, "source": "real, aligned by this project: a committed LoRA "
                 "adapter (python -m locus.alignment --build) merged into its base",
                 **alignment.provenance(name)}
+    if name == smol_llava.NAME:
+        return {"model": name, "source": "real decoder, vision tower and projector trained by "
+                "this project: committed parts (python -m locus.smol_llava --build) merged into "
+                "the real base", **smol_llava.provenance()}
     return {"model": name, "source": "local checkpoint folder",
             "folder": str(Path(name).resolve())}
 
@@ -165,6 +170,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
         folder = real_models.folder(str(name_or_path))
     elif str(name_or_path) == alignment.NAME:
         folder = alignment.folder()
+    elif str(name_or_path) == smol_llava.NAME:
+        folder = smol_llava.folder()
     else:
         folder = Path(name_or_path)
         if not folder.exists():

@@ -113,3 +113,28 @@ def test_safety_scores_retention_is_relative_to_before(tiny):
     scores = circuit_tuning.safety_scores(tiny, tok, harmful, benign, 0.5, max_new_tokens=3)
     assert scores["refusal"] == 1 - scores["asr"]
     assert scores["retention_pct"] == pytest.approx(200 * scores["refusal"])
+
+
+def test_tuning_runs_memo_makes_each_run_once():
+    torch.manual_seed(0)
+    model, tok = models.build_toy_chat(models.ToyChatConfig(width=32, layers=2, intermediate=24))
+    circuit = Circuit(UnitShape.of(model), ((0, 1),), ())
+    variants = {"circuit tuned": (lambda seed: circuit, "circuit"),
+                "full": (lambda seed: None, "all")}
+    store, evaluated = {}, []
+
+    def memo(key, compute):
+        name = repr(sorted(key.items()))
+        if name not in store:
+            store[name] = compute()
+        return store[name]
+
+    def run():
+        return circuit_tuning.tuning_runs(
+            model, tok, data.make_chat_samples(2, seed=1), variants, [1e-2], [0, 1], steps=2,
+            batch=4, evaluate=lambda lm: evaluated.append(1) or {"n": len(evaluated)},
+            progress=False, memo=memo)
+
+    first = run()
+    assert len(store) == 4 and len(evaluated) == 4  # every (run, variant) has its own key
+    assert run() == first and len(evaluated) == 4  # the second pass made no run

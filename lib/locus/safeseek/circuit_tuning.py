@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -140,6 +140,16 @@ class TuningConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class TuningData:
+    """The samples of the three fine-tunes and the new skill's held-out test requests."""
+
+    harmful: list[ChatSample]  # (a) harmful requests -> compliant replies: breaks safety
+    safety: list[ChatSample]  # (a) refusals of harmful requests + benign answers: restores it
+    helpful: list[ChatSample]  # (b) the helpfulness fine-tune: a new skill + benign answers
+    skill_test: list[ChatSample]  # (b) the new skill's test requests (prompts not trained on)
+
+
 @dataclass
 class TuningResult:
     """Losses of a tune and how many parameters it trained."""
@@ -155,10 +165,14 @@ class TuningResult:
 
 
 def tune(model: nn.Module, tokenizer, samples: Sequence[ChatSample], circuit: Circuit | None,
-         train: str, cfg: TuningConfig = TuningConfig(), progress: bool = True) -> TuningResult:
+         train: str, cfg: TuningConfig = TuningConfig(), progress: bool = True,
+         encode: Callable[[list], dict] | None = None,
+         loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> TuningResult:
     """Fine-tune ``model`` in place on ``samples`` (answer tokens only), training the
     ``circuit``'s entries, everything but them, or everything (``train``; circuit None only
-    with "all")."""
+    with "all"). ``encode`` (samples -> a batch on the model's device; default
+    ``chat_training_encoder``) and ``loss_fn`` (default the model's own loss) let a world
+    train on its own encoding, e.g. a real model's teacher-forced replies."""
     if not samples:
         raise ValueError("tune needs at least one sample")
     masks = gradient_masks(model, circuit, train)
@@ -167,12 +181,12 @@ def tune(model: nn.Module, tokenizer, samples: Sequence[ChatSample], circuit: Ci
         return TuningResult([], 0, total)
     training.seed_everything(cfg.seed)
     batch = training.sampled_batches(samples, cfg.batch, cfg.seed,
-                                     chat_training_encoder(model, tokenizer))
+                                     encode or chat_training_encoder(model, tokenizer))
 
     with trainable(model, masks) as params:
         losses = training.train_steps(model, params, batch, cfg.steps, cfg.lr,
                                       desc=f"tune ({train})", weight_decay=0.0,
-                                      progress=progress)
+                                      loss_fn=loss_fn, progress=progress)
     return TuningResult(losses, trained_count(masks), total)
 
 
@@ -209,23 +223,46 @@ def budget_circuit(model: nn.Module, circuit: Circuit,
 Variants = dict[str, tuple[Callable[[int], Circuit | None], str]]
 
 
+# Memo of a tuning run: (the run's key, a function that runs it and returns its row's
+# values) -> those values, e.g. read from a cache.
+Memo = Callable[[dict, Callable[[], dict]], dict]
+
+
+def run_directly(key: dict, compute: Callable[[], dict]) -> dict:
+    """The ``Memo`` that caches nothing: every run is made."""
+    return compute()
+
+
 def tuning_runs(start: nn.Module, tokenizer, samples: Sequence[ChatSample], variants: Variants,
                 lrs: Sequence[float], seeds: Sequence[int], steps: int, batch: int,
                 evaluate: Callable[[nn.Module], dict], strength: str = "lr",
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, memo: Memo = run_directly,
+                encode: Callable[[list], dict] | None = None,
+                loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> list[dict]:
     """One row per learning rate, seed and variant: a copy of ``start`` fine-tuned on
-    ``samples`` (``tune``; the seed sets the data order and the variant's circuit), with the
-    % of parameters trained and ``evaluate``'s metrics of the tuned copy. ``strength`` names
-    the row's learning-rate field."""
+    ``samples`` (``tune``, with ``encode`` and ``loss_fn``; the seed sets the data order and
+    the variant's circuit), with the % of parameters trained and ``evaluate``'s metrics of the
+    tuned copy. ``strength`` names the row's learning-rate field. ``memo`` gets each run's
+    key (variant, circuit, what trains, the fine-tune and the samples), so a cache can skip
+    runs already made."""
     plan = [(lr, seed, name) for lr in lrs for seed in seeds for name in variants]
     rows = []
     for lr, seed, name in tqdm(plan, desc="tuning runs", disable=not progress, mininterval=2):
         subset_of, train = variants[name]
-        tuned = copy.deepcopy(start)
-        result = tune(tuned, tokenizer, samples, subset_of(seed), train,
-                      TuningConfig(steps, batch, lr, seed), progress=False)
-        rows.append({strength: lr, "run": seed, "variant": name,
-                     "trained_pct": 100 * result.fraction, **evaluate(tuned)})
+        circuit = subset_of(seed)
+        cfg = TuningConfig(steps, batch, lr, seed)
+
+        def run(circuit=circuit, train=train, cfg=cfg) -> dict:
+            tuned = copy.deepcopy(start)
+            result = tune(tuned, tokenizer, samples, circuit, train, cfg, progress=False,
+                          encode=encode, loss_fn=loss_fn)
+            return {"trained_pct": 100 * result.fraction, "final_loss": result.losses[-1]
+                    if result.losses else float("nan"), **evaluate(tuned)}
+
+        key = {"variant": name, "train": train, "tuning": asdict(cfg),
+               "circuit": None if circuit is None else circuit.to_dict(),
+               "samples": circuits.samples_key(samples)}
+        rows.append({strength: lr, "run": seed, "variant": name, **memo(key, run)})
     return rows
 
 

@@ -15,13 +15,13 @@ from tqdm import tqdm  # text bars: no ipywidgets needed in Jupyter or papermill
 from locus import data, params, splits, stats
 from locus.data import ChatSample
 from locus.results import markdown_table
-from locus.safeseek import circuits
+from locus.safeseek import circuit_tuning, circuits
 from locus.safeseek.backdoor import SPARSITY_UNITS, InjectionConfig, ToyBackdoorWorld, check_kinds
 from locus.safeseek.circuits import compare_at_size, take
 from locus.safeseek.masks import Circuit, UnitShape
 from locus.safeseek.real_backdoor import BASE as REAL_BACKDOOR_BASE
 from locus.safeseek.real_backdoor import RealBackdoorWorld
-from locus.safeseek.real_world import RealAlignmentWorld
+from locus.safeseek.real_world import RealAlignmentWorld, RealTuningWorld
 
 TOY_CHAT_MODELS = ("toy-chat", "toy-chat-base")
 REAL_ALIGNMENT_MODELS = (RealAlignmentWorld.model_name,)
@@ -99,7 +99,9 @@ class ToyAlignmentWorld:
 
     def __init__(self, model_name, model, tokenizer, data_path, n_per_family: int, seed: int,
                  n_test: int, max_new_tokens: int) -> None:
-        search, test, _ = safety_pools(data_path, n_per_family, seed)
+        search, test, tune = safety_pools(data_path, n_per_family, seed)
+        self.pools = search, test, tune
+        self.tune_benign, self.tune_harmful = circuits.split_harmful(tune)
         self.model_name, self.model, self.tokenizer = model_name, model, tokenizer
         self.seed, self.max_new_tokens = seed, max_new_tokens
         self.search_benign, self.search_harmful = circuits.split_harmful(search)
@@ -164,6 +166,63 @@ class ToyAlignmentWorld:
                 "greedy reply *is* the compliant answer (exact, teacher-forced), utility = exact "
                 "match on the benign families, keyword ASR = no refusal phrase, over-refusal = "
                 "a benign reply with a refusal phrase.")
+
+
+class ToyTuningWorld(ToyAlignmentWorld):
+    """Safety Circuit Tuning's data and scores on the toy world (or a JSONL file): the
+    fine-tunes draw from the tuning part of ``safety_pools`` (disjoint by prompt from the
+    search and test parts), the new skill from ``new_skill_sets``; scores by
+    ``circuit_tuning.safety_scores`` (exact match beside the keyword refusal). Nothing is
+    cached: a toy run takes seconds. The same interface as ``real_world.RealTuningWorld``."""
+
+    tune_options: dict = {}  # tune's encode / loss_fn: the toy chat encoding (its defaults)
+
+    def tuning_data(self, n_break: int, n_restore: int, n_help: int, n_skill_test: int
+                    ) -> circuit_tuning.TuningData:
+        """Harmful requests with compliant answers (the break), safety data (half the model's
+        own refusals, half benign requests and answers), helpfulness data (half the new skill,
+        half known benign requests) and the skill's held-out test prompts."""
+        half = n_restore // 2
+        safety = (circuits.refusal_targets(self.model, self.tokenizer,
+                                           take(self.tune_harmful, half, self.seed + 1),
+                                           self.max_new_tokens)
+                  + take(self.tune_benign, n_restore - half, self.seed + 1))
+        skill_train, skill_test = new_skill_sets(n_help // 2, n_skill_test, self.seed)
+        helpful = skill_train + take(self.tune_benign, n_help - n_help // 2, self.seed + 2)
+        return circuit_tuning.TuningData(take(self.tune_harmful, n_break, self.seed), safety,
+                                         helpful, skill_test)
+
+    def tuning_overlap_sets(self, data: circuit_tuning.TuningData) -> dict[str, list]:
+        """The named prompt sets that must share no prompt: every fine-tune draws from the
+        tuning part (so ``data`` is inside it), the skill is split apart in ``new_skill_sets``."""
+        search, _, tune = self.pools
+        return {"search": search, "tuning": tune, "test (harmful)": self.test_harmful,
+                "test (benign)": self.test_benign}
+
+    def scores(self, model, refusal_before: float) -> dict[str, float]:
+        """``circuit_tuning.safety_scores`` of ``model`` on the test requests."""
+        return circuit_tuning.safety_scores(model, self.tokenizer, self.test_harmful,
+                                            self.test_benign, refusal_before,
+                                            self.max_new_tokens)
+
+    def skill(self, model, skill_test: Sequence[ChatSample]) -> float:
+        """The new skill's exact-match accuracy (teacher-forced, ``circuits.match_rate``)."""
+        return circuits.match_rate(model, self.tokenizer, skill_test)
+
+    def memo(self, start, **context) -> circuit_tuning.Memo:
+        """Every toy run is made (``circuit_tuning.run_directly``)."""
+        return circuit_tuning.run_directly
+
+
+def tuning_world(model_name, model, tokenizer, data_path, seed: int, n_per_family: int,
+                 n_train: int, n_val: int, n_test: int, max_new_tokens: int,
+                 progress: bool = True) -> ToyTuningWorld | RealTuningWorld:
+    """The circuit-tuning notebook's world, chosen as ``alignment_world`` chooses (so it
+    shares notebook 2's split and cached circuit)."""
+    if data_path is None and str(model_name) in REAL_ALIGNMENT_MODELS:
+        return RealTuningWorld(model, tokenizer, seed, n_train, n_val, n_test, progress=progress)
+    return ToyTuningWorld(model_name, model, tokenizer, data_path, n_per_family, seed, n_test,
+                          max_new_tokens)
 
 
 def alignment_world(model_name, model, tokenizer, data_path, seed: int, n_per_family: int,

@@ -19,7 +19,7 @@ from locus.evaluation import generate_answers
 
 TINY = smol_llava.SmolLlavaRecipe(vision_width=32, tower_pool=8, tower_steps=3, tower_batch=8,
                                   batch_size=4, align_steps=2, tune_steps=4, eval_every=2,
-                                  lora_r=2, compute_dtype="float32")
+                                  lora_r=2)  # the build's bfloat16 autocast
 
 
 def _tiny_samples(n: int, seed: int) -> list:

@@ -189,17 +189,17 @@ def test_a_missing_or_corrupt_merged_model_is_merged_from_the_parts_saying_so(tm
     base = load_file(real_models.folder(BASE) / "model.safetensors")
     adapter = load_file(PARTS / smol_llava.ADAPTER_FILE)
     recipe = smol_llava.recipe_from(smol_llava.verified_parts()["config"]["recipe"])
-    prefix = "model.language_model.layers.0.self_attn.q_proj"
+    prefix = "language_model.model.layers.0.self_attn.q_proj"  # as LLaVA checkpoints save
     lora = {k.split(".lora_")[1]: v for k, v in adapter.items()
             if ".layers.0.self_attn.q_proj." in k}
     delta = recipe.lora_alpha / recipe.lora_r * lora["B.weight"] @ lora["A.weight"]
     torch.testing.assert_close(merged[f"{prefix}.weight"],
                                base["model.layers.0.self_attn.q_proj.weight"] + delta,
                                atol=1e-6, rtol=0)
-    assert torch.equal(merged["model.language_model.layers.0.mlp.down_proj.weight"],
+    assert torch.equal(merged["language_model.model.layers.0.mlp.down_proj.weight"],
                        base["model.layers.0.mlp.down_proj.weight"])  # no adapter there
     parts_ = load_file(PARTS / smol_llava.PARTS_FILE)
-    assert torch.equal(merged["model.multi_modal_projector.linear_1.weight"],
+    assert torch.equal(merged["multi_modal_projector.linear_1.weight"],
                        parts_["multi_modal_projector.linear_1.weight"])
     (target / "model.safetensors").write_bytes(b"corrupt")
     assert smol_llava.folder(root=tmp_path) == target

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from locus import alignment, checkpoints, paths, real_models, zoo
+from locus import alignment, checkpoints, paths, real_models, smol_llava, zoo
 
 NAME = "smollm2-135m-instruct"
 
@@ -104,7 +104,8 @@ def test_missing_or_corrupt_conversion_is_rebuilt_with_a_message(monkeypatch, tm
 def test_real_models_are_named_models_of_their_kind():
     assert zoo.named_models()[NAME] == "chat"
     assert zoo.named_models()[alignment.NAME] == "chat"
-    assert set(zoo.EMBEDDED) | set(real_models.REAL) | {alignment.NAME} == set(zoo.named_models())
+    assert set(zoo.EMBEDDED) | set(real_models.REAL) | {alignment.NAME, smol_llava.NAME} == set(
+        zoo.named_models())
 
 
 def test_setup_installs_the_pinned_package():

@@ -82,3 +82,11 @@ def test_paired_difference_and_compare():
 def test_fisher_exact_p():
     assert stats.fisher_exact_p(3, 3, 1, 3) == pytest.approx(0.4)
     assert stats.fisher_exact_p(10, 10, 0, 10) < 1e-4
+
+
+def test_rate_record_is_the_wilson_interval_as_a_dict():
+    record = stats.rate_record([True, False, True, True])
+    found = stats.wilson_interval(3, 4)
+    assert record == {"rate": 0.75, "lo": found.lo, "hi": found.hi, "n": 4}
+    with pytest.raises(ValueError, match="n > 0"):
+        stats.rate_record([])

@@ -346,12 +346,6 @@ def train_adapter(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe
                      "targets_met_on_search": chosen["worst_margin"] >= 0}
 
 
-def _rate(flags: Sequence[bool]) -> dict:
-    """A rate with its 95% Wilson interval."""
-    found = stats.wilson_interval(int(sum(flags)), len(flags))
-    return {"rate": found.estimate, "lo": found.lo, "hi": found.hi, "n": found.n}
-
-
 def evaluate(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe, split: str = "test",
              progress: bool = True, cache: Path | None = None) -> dict:
     """On the held-out ``split``: refusal of harmful prompts in distribution and of the
@@ -369,10 +363,10 @@ def evaluate(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe, spl
     refused_q = [compliance.is_refusal(s) for s in said]
     refused_i = [compliance.is_refusal(s) for s in asked]
     out: dict = {"split": split,
-                 "false_refusal": _rate(refused_q + refused_i),
-                 "false_refusal_questions": _rate(refused_q),
-                 "false_refusal_instructions": _rate(refused_i),
-                 "benign_accuracy": _rate([safety_data.answers_correctly(s, b[1])
+                 "false_refusal": stats.rate_record(refused_q + refused_i),
+                 "false_refusal_questions": stats.rate_record(refused_q),
+                 "false_refusal_instructions": stats.rate_record(refused_i),
+                 "benign_accuracy": stats.rate_record([safety_data.answers_correctly(s, b[1])
                                            for s, b in zip(said, questions, strict=True)])}
     for name, prompts in (("in_distribution", data.harmful[split]), ("ood", data.harmful["ood"])):
         aligned = greedy_replies(model, tokenizer, prompts, tokens, progress, name)
@@ -384,8 +378,8 @@ def evaluate(model, tokenizer, data: AlignmentData, recipe: AlignmentRecipe, spl
             aligned_lp = replies.mean_reply_logprobs(model, tokenizer, prompts, aligned, 64,
                                                      progress=progress)
         rows = compliance.score_replies(aligned, base, aligned_lp, base_lp)
-        out[name] = {"refusal": _rate([compliance.is_refusal(a) for a in aligned]),
-                     "base_refusal": _rate([compliance.is_refusal(b) for b in base]),
+        out[name] = {"refusal": stats.rate_record([compliance.is_refusal(a) for a in aligned]),
+                     "base_refusal": stats.rate_record([compliance.is_refusal(b) for b in base]),
                      **compliance.summary(rows)}
     return out
 

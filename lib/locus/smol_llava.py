@@ -411,12 +411,6 @@ def train(model, processor, recipe: SmolLlavaRecipe, samples: dict[str, list[VQA
                      "sizes": {k: len(v) for k, v in samples.items()}}
 
 
-def _rate(flags: Sequence[bool]) -> dict:
-    """A rate with its 95% Wilson interval."""
-    found = stats.wilson_interval(int(sum(flags)), len(flags))
-    return {"rate": found.estimate, "lo": found.lo, "hi": found.hi, "n": found.n}
-
-
 def blank_image(rng: np.random.Generator) -> np.ndarray:
     """An image of the toy world with no object (its noisy background alone)."""
     return data.draw_scene(data.Scene([]), rng)
@@ -440,7 +434,8 @@ def evaluate(model, processor, samples: Sequence[VQASample], n_control: int = 10
     rng = np.random.default_rng(seed)
     for family in dict.fromkeys(s.family for s in samples):
         chosen = [s for s in samples if s.family == family]
-        out[family] = {"accuracy": _rate(_scored(model, processor, chosen, progress, family))}
+        scored = _scored(model, processor, chosen, progress, family)
+        out[family] = {"accuracy": stats.rate_record(scored)}
         if family not in VISUAL_FAMILIES:
             continue
         asked = chosen[:n_control]
@@ -449,9 +444,10 @@ def evaluate(model, processor, samples: Sequence[VQASample], n_control: int = 10
                     for i, s in enumerate(asked)]
         answers = [s.answer for s in asked]
         out[family] |= {
-            "blank_image": _rate(_scored(model, processor, blank, progress, f"{family} blank")),
-            "shuffled_image": _rate(_scored(model, processor, shuffled, progress,
-                                            f"{family} shuffled")),
+            "blank_image": stats.rate_record(
+                _scored(model, processor, blank, progress, f"{family} blank")),
+            "shuffled_image": stats.rate_record(
+                _scored(model, processor, shuffled, progress, f"{family} shuffled")),
             "majority_answer_rate": max(answers.count(a) for a in set(answers)) / len(answers)}
     return out
 

@@ -44,6 +44,12 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
 
 
+def rate_record(flags: Sequence[bool], confidence: float = 0.95) -> dict:
+    """The rate of true flags with its Wilson interval, as a plain dict (for manifests)."""
+    found = wilson_interval(int(sum(flags)), len(flags), confidence)
+    return {"rate": found.estimate, "lo": found.lo, "hi": found.hi, "n": found.n}
+
+
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
     """Mean of ``values`` (e.g. one number per seed) with a Student-t interval; one value gives
     an interval of zero width at that value, flagged by ``n == 1``."""

@@ -437,9 +437,9 @@ class RealTuningWorld(RealAlignmentWorld):
         self.seed = seed
         self.break_prompts, self.restore_prompts = splits.split_by_group(
             self.adapter_train, lambda p: p, (0.5, 0.5), seed)
-        self.runs = JsonStore(store_folder(NAME, "tuning", root), self.tuning_key(),
-                              "runs.json")
-        self._data: circuit_tuning.TuningData | None = None
+        key = self.tuning_key()  # in the folder's name too: each test set has its own store
+        self.runs = JsonStore(store_folder(f"{NAME}-{checkpoints.config_key(key)}", "tuning",
+                                           root), key, "runs.json")
 
     def tuning_key(self) -> dict:
         """What identifies this world's tuning runs: the scoring, the test requests."""
@@ -453,10 +453,10 @@ class RealTuningWorld(RealAlignmentWorld):
                                                    self.model),
                 "loss_fn": replies.reply_loss}
 
-    def _own_replies(self, prompts: Sequence[str], family: str) -> list[ChatSample]:
-        """The prompts answered with the aligned model's own greedy reply."""
-        said = self.aligned_store.replies(prompts, self.progress)
-        return [ChatSample(p, r, family) for p, r in zip(prompts, said, strict=True)]
+    def _own_replies(self, samples: Sequence[ChatSample]) -> list[ChatSample]:
+        """The samples answered with the aligned model's own greedy reply."""
+        return circuits.with_answers(samples, self.aligned_store.replies(
+            [s.prompt for s in samples], self.progress))
 
     def tuning_data(self, n_break: int, n_restore: int, n_help: int, n_skill_test: int
                     ) -> circuit_tuning.TuningData:
@@ -467,17 +467,12 @@ class RealTuningWorld(RealAlignmentWorld):
         half = n_restore // 2
         asked = circuits.take([ChatSample(p, "", "harmful") for p in self.restore_prompts],
                               half, seed + 1)
-        benign = [s.prompt for s in self.benign_train]
         safety = self.refusals(asked) + self._own_replies(
-            [s.prompt for s in circuits.take(self.benign_train, n_restore - half, seed + 1)],
-            "benign")
+            circuits.take(self.benign_train, n_restore - half, seed + 1))
         skill_train, skill_test = sum_skill_sets(n_help // 2, n_skill_test, seed)
         helpful = skill_train + self._own_replies(
-            [benign[i] for i in np.random.default_rng(seed + 2).choice(
-                len(benign), n_help - n_help // 2, replace=n_help - n_help // 2 > len(benign))],
-            "benign")
-        self._data = circuit_tuning.TuningData(harmful, safety, helpful, skill_test)
-        return self._data
+            circuits.take(self.benign_train, n_help - n_help // 2, seed + 2))
+        return circuit_tuning.TuningData(harmful, safety, helpful, skill_test)
 
     def tuning_overlap_sets(self, data: circuit_tuning.TuningData) -> dict[str, list]:
         """The named prompt sets that must share no prompt: each fine-tune's harmful and benign

@@ -103,3 +103,12 @@ def test_notebooks_are_found_in_run_order_and_selected_by_path(tmp_path):
     assert matrix.select_notebooks(found, [str(tmp_path / "a/01_w.ipynb")], tmp_path) == ["a/01_w"]
     with pytest.raises(ValueError, match="no notebooks matched"):
         matrix.select_notebooks(found, [str(tmp_path / "c")], tmp_path)
+
+
+def test_a_list_value_reaches_papermill_as_a_yaml_list(tmp_path):
+    import yaml
+
+    run = matrix.Run("a/01_x", "real", (("lrs", "[0.0001,0.001]"), ("steps", "12")))
+    args = matrix.papermill_args(run, tmp_path / "out", [], tmp_path)
+    assert args[2:6] == ["-y", "lrs: [0.0001,0.001]", "-p", "steps"]
+    assert yaml.safe_load(args[3]) == {"lrs": [0.0001, 0.001]}

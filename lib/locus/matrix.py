@@ -184,8 +184,8 @@ def papermill_args(run: Run, out: Path, params: list[str] | None = None,
     the run's parameters (a non-default run's figures into ``<figures>/<run>``), then
     ``params``."""
     args = [str(NOTEBOOKS / f"{run.notebook}.ipynb"), str(out / run.name / f"{run.notebook}.ipynb")]
-    for key, value in run.parameters:
-        args += ["-p", key, value]
+    for key, value in run.parameters:  # a [list] value goes as YAML (-p would make it a string)
+        args += ["-y", f"{key}: {value}"] if value.startswith("[") else ["-p", key, value]
     if not run.is_default:
         args += ["-p", "figures_dir", str(figures_dir(figures) / run.name)]
     return args + list(params or [])

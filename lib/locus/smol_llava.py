@@ -24,16 +24,18 @@ disjoint. The step is chosen on the VALIDATION split by a rule fixed before meas
 ``eval_every`` steps of stage 2 the teacher-forced exact match per family (``exact_by_family``:
 every answer token and the end-of-turn token are the argmax, which is what greedy decoding
 reproduces) is measured; training stops at the first check whose every family reaches
-``min_val_accuracy``, else the check with the best worst family is kept. ``evaluate`` then scores
-the merged float32 model on the held-out images by greedy generation and exact match, per family
-with Wilson intervals, and the controls that show it reads the image: the same visual questions
-with a blank image and with another sample's image, beside each family's majority-answer rate.
+``min_val_accuracy``, else the check with the best mean over families is kept (``fallback``;
+the first build kept the best worst family, which a family stuck at chance turns into noise).
+``evaluate`` then scores the merged float32 model on the held-out images by greedy generation
+and exact match, per family with Wilson intervals, and the controls that show it reads the
+image: the same visual questions with a blank image and with another sample's image, beside each
+family's majority-answer rate.
 
 The small trained parts (tower + projector, adapter) are a ``locus.checkpoints`` entry committed
 in ``checkpoints/real/smol-llava`` with the recipe, hashes, numbers and build time; ``folder``
 merges them into the cached base in the user cache (``<cache>/models/smol-llava``) in seconds,
-never training. ``python -m locus.smol_llava --build`` rebuilds the parts (57 min on one thread
-of a shared machine, load 3-4: run it under ``nice``); it is deterministic (a rebuilt tower is
+never training. ``python -m locus.smol_llava --build`` rebuilds the parts (60 min on one thread
+of a shared machine, load about 3: run it under ``nice``); it is deterministic (a rebuilt tower is
 bit-identical to the committed one, and two short runs of every stage give identical parts).
 """
 
@@ -100,14 +102,19 @@ class SmolLlavaRecipe:
     batch_size: int = 16
     align_steps: int = 150  # stage 1: projector only, decoder frozen
     align_lr: float = 2e-3
-    tune_steps: int = 700  # stage 2: projector + LoRA
+    tune_steps: int = 1000  # stage 2: projector + LoRA
     tune_lr: float = 2e-3
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     eval_every: int = 100
     min_val_accuracy: float = 0.95  # the step rule's bar, every family (validation split)
+    fallback: str = "mean"  # no check meets the bar: keep the best "mean" or "worst" family
     compute_dtype: str = "bfloat16"  # autocast of the training steps and validation checks
+
+    def __post_init__(self) -> None:
+        if self.fallback not in ("mean", "worst"):
+            raise ValueError(f"fallback must be 'mean' or 'worst', got {self.fallback!r}")
 
 
 def recipe_from(config: dict) -> SmolLlavaRecipe:
@@ -341,6 +348,14 @@ def _worst(check: dict) -> float:
     return min(v for k, v in check.items() if k != "step")
 
 
+def _mean(check: dict) -> float:
+    values = [v for k, v in check.items() if k != "step"]
+    return sum(values) / len(values)
+
+
+FALLBACKS = {"worst": _worst, "mean": _mean}
+
+
 class _TargetsMet(Exception):
     """Raised by the step rule's callback to stop at the first good validation check."""
 
@@ -397,7 +412,7 @@ def train(model, processor, recipe: SmolLlavaRecipe, samples: dict[str, list[VQA
         pass
     chosen = max(checks, key=lambda c: (_worst(c) >= recipe.min_val_accuracy,
                                         -c["step"] if _worst(c) >= recipe.min_val_accuracy
-                                        else _worst(c)))
+                                        else FALLBACKS[recipe.fallback](c)))
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[chosen["step"]][n])

@@ -385,11 +385,17 @@ class RealAlignmentWorld:
             "aligned model's own benign reply's.")
 
 
+SUM_SKILL_SPACE = 90 ** 3  # ordered triples of two-digit numbers
+
+
 def sum_skill_sets(n_train: int, n_test: int, seed: int) -> tuple[list[ChatSample],
                                                                    list[ChatSample]]:
     """Training and test requests of a benign skill the aligned model does poorly: the sum of
     three two-digit numbers ("What is 23 + 48 + 17?" -> "23 + 48 + 17 = 88"), split by prompt
     string (checked disjoint), each side drawn without replacement."""
+    if n_train + n_test > SUM_SKILL_SPACE:
+        raise ValueError(f"too few distinct sums for {n_train} training and {n_test} test "
+                         f"requests: there are {SUM_SKILL_SPACE} of three two-digit numbers")
     rng = np.random.default_rng(seed)
     terms = {tuple(int(x) for x in rng.integers(10, 100, size=3))
              for _ in range(4 * (n_train + n_test))}

@@ -1,0 +1,116 @@
+"""locus.spatial: the relation parser agrees with the data's own answers, the data report and
+the question-only baseline count what they say, probes read what is there and nothing more,
+and the stage features are the tensors of one forward pass."""
+
+import numpy as np
+import pytest
+import torch
+
+from locus import data, models, spatial, training, zoo
+from locus.data import Scene, VQASample
+
+
+@pytest.fixture(scope="module")
+def spatial_samples():
+    return data.make_vqa_samples(300, 7, ("spatial",))
+
+
+def test_relation_parts_give_the_datas_answers(spatial_samples):
+    rels = [(s, spatial.relation_parts(s)) for s in spatial_samples]
+    rels = [(s, r) for s, r in rels if r is not None]
+    assert len(rels) > 150
+    assert all(spatial.relation_holds(r) == (s.answer == "yes") for s, r in rels)
+    forms = {spatial.spatial_form(s) for s in spatial_samples}
+    assert forms == {"where", "left of", "right of", "above", "below"}
+
+
+def test_relation_parts_refuse_an_object_not_in_the_scene():
+    sample = VQASample(np.zeros((32, 32, 3), np.uint8), "is the red square left of the blue "
+                       "circle ?", "yes", "spatial", {"objects": [(0, 0, "red", "square")]})
+    with pytest.raises(ValueError, match="not in its scene"):
+        spatial.relation_parts(sample)
+
+
+def test_data_report_counts(spatial_samples):
+    report = spatial.data_report(spatial_samples)
+    assert sum(f["n"] for f in report["forms"].values()) == len(spatial_samples)
+    rels = [r for r in map(spatial.relation_parts, spatial_samples) if r is not None]
+    assert report["relation_questions"] == len(rels)
+    assert report["same_column_rate"] == pytest.approx(np.mean([r.a[1] == r.b[1] for r in rels]))
+    assert 0.3 < report["question_only"]["accuracy"]["rate"] < 0.65
+
+
+def test_question_only_baseline_finds_a_question_that_gives_its_answer_away():
+    image = np.zeros((32, 32, 3), np.uint8)
+    leaky = [VQASample(image + i, f"is the red square {r} the blue circle ?",
+                       "yes" if r == "above" else "no", "spatial", {})
+             for i in range(40) for r in ("above", "below")]
+    found = spatial.question_only_baseline(leaky[:40], leaky[40:])
+    assert found["accuracy"]["rate"] == 1.0 and found["test_questions_seen_in_train"] == 1.0
+
+
+def test_probe_reads_a_linear_label_and_not_noise():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=gen)
+    groups = [i // 3 for i in range(600)]
+    readable = spatial.probe(x, (x[:, 2] > 0).long(), groups)
+    assert readable.accuracy["rate"] > 0.95 and readable.converged
+    assert readable.n_train + readable.n_test == 600
+    noise = spatial.probe(x, torch.randint(0, 2, (600,), generator=gen), groups)
+    assert noise.accuracy["hi"] > 0.5 - 0.02 and noise.accuracy["rate"] < 0.62
+
+
+def test_probe_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="N groups"):
+        spatial.probe(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), [0, 1])
+
+
+def test_patch_pixels_are_the_cells_in_reading_order():
+    pixels = torch.arange(2 * 3 * 32 * 32, dtype=torch.float).reshape(2, 3, 32, 32)
+    patches = spatial.patch_pixels(pixels)
+    assert patches.shape == (2, 16, 192)
+    cell = 1 * 4 + 2  # row 1, column 2
+    assert torch.equal(patches[1, cell], pixels[1, :, 8:16, 16:24].reshape(-1))
+
+
+def test_coordinate_question_answers_the_named_objects_place():
+    rng = np.random.default_rng(0)
+    scene = Scene([(2, 1, "red", "square"), (0, 3, "blue", "circle"), (0, 2, "blue", "circle")])
+    for _ in range(20):
+        question, answer, meta = spatial.coordinate_question(scene, rng)
+        assert "red square" in question  # the only uniquely named object
+        assert answer == data.NUMBER_WORDS[1 if "x of" in question else 2]
+        assert spatial.spatial_form(VQASample(None, question, answer, "spatial")) == meta["form"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    training.seed_everything(0)
+    cfg = models.ToyVLMConfig(text_layers=2)
+    return models.build_toy_vlm(cfg)
+
+
+def test_stage_features_are_one_forward_pass(tiny_vlm, spatial_samples):
+    model, processor = tiny_vlm
+    chosen = spatial_samples[:5]
+    feats = spatial.stage_features(model, processor, chosen, batch_size=2, progress=False)
+    assert spatial.decoder_layers(feats) == 3
+    from locus.prompts import encode_vqa
+    batch = encode_vqa(processor, chosen)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        tower = model.model.vision_tower(batch["pixel_values"]).last_hidden_state[:, 1:]
+    where = batch["input_ids"] == model.config.image_token_id
+    assert torch.allclose(feats["tower"], tower, atol=1e-5)
+    assert torch.allclose(feats["visual.2"], out.hidden_states[2][where].reshape(5, 16, -1),
+                          atol=1e-5)
+    assert torch.allclose(feats["answer.1"], out.hidden_states[1][:, -1], atol=1e-5)
+    assert feats["projector"].shape == (5, 16, model.config.text_config.hidden_size)
+
+
+def test_patch_probes_find_place_in_the_tower_and_not_in_pixels(spatial_samples):
+    model, processor = zoo.load("toy-vlm", progress=False)
+    feats = spatial.stage_features(model, processor, spatial_samples[:150], progress=False)
+    found = spatial.patch_probes(feats, spatial_samples[:150], ["pixels", "tower"])
+    assert found["tower"]["col"]["accuracy"]["rate"] > 0.9
+    assert found["pixels"]["col"]["accuracy"]["rate"] < 0.5  # a cell's content has no place

@@ -94,3 +94,29 @@ def chat_training_encoder(model: torch.nn.Module, tokenizer) -> Callable[[list],
     """``encode_chat`` with answers, on ``model``'s device: the ``encode`` argument of
     ``training.sampled_batches`` for a chat model."""
     return lambda samples: to_model(encode_chat(tokenizer, samples, with_answers=True), model)
+
+
+def encode_vqa_answers(processor, samples: Sequence[VQASample]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + answer + EOS batches with answer-only ``labels``, the answer's
+    tokens appended to the prompt's exactly as greedy decoding would produce them (no joint
+    re-tokenisation: a subword tokenizer would otherwise train a leading-space token the chat
+    template never generates). The other processor outputs (pixels) are kept as they are."""
+    tokenizer = processor.tokenizer
+    prompts = [vqa_prompt(processor, s.question) for s in samples]
+    encoded = dict(processor(text=prompts, images=[s.image for s in samples],
+                             return_tensors="pt", padding=True))
+    heads = [ids[mask == 1] for ids, mask in zip(encoded.pop("input_ids"),
+                                                  encoded.pop("attention_mask"), strict=True)]
+    tails = [torch.tensor(tokenizer(s.answer, add_special_tokens=False).input_ids
+                          + [tokenizer.eos_token_id]) for s in samples]
+
+    def padded(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+    return {"input_ids": padded([torch.cat(p) for p in zip(heads, tails, strict=True)],
+                                tokenizer.pad_token_id),
+            "attention_mask": padded([torch.ones(len(h) + len(t), dtype=torch.long)
+                                      for h, t in zip(heads, tails, strict=True)], 0),
+            "labels": padded([torch.cat([torch.full_like(h, -100), t])
+                              for h, t in zip(heads, tails, strict=True)], -100),
+            **encoded}

@@ -110,11 +110,12 @@ class Run:
     steps: int
     batch_size: int
     lr: float
+    compute_dtype: str = "float32"
 
     def finetune_config(self, seed: int) -> FinetuneConfig:
         """The projector fine-tuning of ``seed``."""
         return FinetuneConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                              seed=seed)
+                              seed=seed, compute_dtype=self.compute_dtype)
 
     def control_states(self, seed: int, references: dict[str, State],
                        progress: bool = True) -> dict[str, State]:
@@ -141,9 +142,14 @@ class Run:
 def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants, poison_rate,
             n_train_per_family, n_test_per_family, steps, batch_size, lr, max_new_tokens,
             noise_std, logo_fraction, injection_suffix, hijack_text,
-            device_map: str | dict | None = None) -> Run:
+            device_map: str | dict | None = None, compute_dtype: str = "float32") -> Run:
     """Check the parameters every ProjLens notebook shares, set the threads and seed, load the
-    model and build the attacks and data splits (each attack must find data to poison)."""
+    model and build the attacks and data splits (each attack must find data to poison).
+    ``compute_dtype`` "bfloat16" trains the projectors under CPU autocast (a real decoder's
+    steps; the model itself stays in its dtype)."""
+    if compute_dtype not in proj.COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {proj.COMPUTE_DTYPES}, "
+                         f"got {compute_dtype!r}")
     check_common(model, data, seeds, device, dtype, figures_dir, threads,
                  n_train_per_family=n_train_per_family, n_test_per_family=n_test_per_family,
                  steps=steps, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -162,7 +168,8 @@ def prepare(*, model, data, seeds, device, dtype, figures_dir, threads, variants
     splits = {seed: vqa_data(data, n_train_per_family, n_test_per_family, seed) for seed in seeds}
     for train, test in splits.values():
         check_attacks_apply(attacks, train, test)
-    return Run(model, vlm, processor, attacks, splits, poison_rate, steps, batch_size, lr)
+    return Run(model, vlm, processor, attacks, splits, poison_rate, steps, batch_size, lr,
+               compute_dtype)
 
 
 def load_vlm(model: str, device: str, dtype: str | None,
@@ -278,19 +285,69 @@ def backdoored_projector(
     poisoned = poison(train, attack, rate, seed=cfg.seed)
     config = {"base": proj.state_fingerprint(proj.projector_state(vlm)),
               "attack": attack.describe(), "rate": rate,
-              "data": samples_fingerprint(poisoned.samples), "finetune": asdict(cfg)}
-    seconds: list[float] = []
+              "data": samples_fingerprint(poisoned.samples), "finetune": finetune_key(cfg)}
+    if str(model_name) not in zoo.EMBEDDED:
+        config["frozen"] = proj.frozen_fingerprint(vlm)
+    done: list[proj.FinetuneResult] = []
 
     def compute() -> State:
-        result = proj.finetune_projector(vlm, processor, poisoned.samples, cfg, progress)
-        seconds.append(result.seconds)
-        return result.state
+        done.append(proj.finetune_projector(vlm, processor, poisoned.samples, cfg, progress))
+        return done[0].state
 
     state = checkpoints.cached_tensors(
         cache_name(model_name, attack, rate, cfg.seed, tag), config, compute,
         root=checkpoints.artefact_root(model_name),
-        extra=lambda: {"train_seconds": round(seconds[0], 1)} if seconds else {})
+        extra=lambda: {"train_seconds": round(done[0].seconds, 1),
+                       "losses": [round(v, 5) for v in done[0].losses]} if done else {})
     return state, poisoned.rate
+
+
+def finetune_key(cfg: FinetuneConfig) -> dict:
+    """The fine-tuning config as a cache key; the compute dtype only where it is not float32
+    (the committed toy projectors were keyed before it existed)."""
+    key = asdict(cfg)
+    if key["compute_dtype"] == "float32":
+        del key["compute_dtype"]
+    return key
+
+
+def training_losses(model_name: str, attack: Attack, rate: float | str, seed: int,
+                    tag: str = "") -> list[float]:
+    """The loss of every step of one cached projector's fine-tune (empty for entries made
+    before the losses were recorded: the committed toy projectors)."""
+    folder = checkpoints.artefact_root(model_name) / cache_name(model_name, attack, rate, seed,
+                                                                 tag)
+    return checkpoints.read_manifest(folder).get("losses", [])
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """The convergence rule of a fine-tune, fixed before the smol-llava trainings: the mean loss
+    of the last tenth of the steps (``last``) against that of the tenth ending at 60% of the
+    steps (``middle``, where the cosine schedule's lr is still 35% of its peak); converged when
+    the loss fell by at most ``tolerance`` (relative) in between."""
+
+    first: float
+    middle: float
+    last: float
+    tolerance: float
+
+    @property
+    def converged(self) -> bool:
+        return self.last >= (1 - self.tolerance) * self.middle
+
+
+def loss_plateau(losses: Sequence[float], tolerance: float = 0.25) -> Plateau:
+    """``Plateau`` of a loss curve (≥ 10 steps)."""
+    if len(losses) < 10:
+        raise ValueError(f"need ≥ 10 steps of losses, got {len(losses)}")
+    n = len(losses)
+    tenth = n // 10
+
+    def window(end: int) -> float:
+        return float(np.mean(losses[end - tenth:end]))
+
+    return Plateau(window(tenth), window(round(0.6 * n)), window(n), tolerance)
 
 
 # --- notebook 01: backdoor and poisoning rate --------------------------------------------------
@@ -357,7 +414,7 @@ def answer_token_share(processor, poisoned: PoisonedSet) -> float:
     """The share of the training set's answer tokens (with EOS, what the loss sees) that the
     poisoned copies carry: what the loss weighs, beside the share of samples."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    lengths = [len(tokenizer(f" {s.answer}", add_special_tokens=False)["input_ids"]) + 1
+    lengths = [len(tokenizer(s.answer, add_special_tokens=False)["input_ids"]) + 1
                for s in poisoned.samples]
     return sum(lengths[-poisoned.n_poisoned:]) / sum(lengths) if poisoned.n_poisoned else 0.0
 

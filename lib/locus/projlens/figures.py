@@ -155,3 +155,18 @@ def shift_scatter(results: dict[str, ShiftResult]):
     axes[0, 0].set_ylabel("shift along top direction ⟨ΔE[t], v₀⟩")
     fig.tight_layout()
     return fig
+
+
+def loss_curves(curves: dict[str, Sequence[float]], window: int = 10):
+    """The training loss of each fine-tuned projector per step, smoothed over ``window`` steps
+    (log scale): the evidence that the step count reaches a plateau."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, losses in curves.items():
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window, len(losses) + 1), smooth, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss ({window}-step mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

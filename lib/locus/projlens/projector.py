@@ -26,11 +26,12 @@ from locus.data import VQASample
 from locus.evaluation import accuracy_by_family, exact_match, generate_answers
 from locus.projlens import lowrank, scoring
 from locus.projlens.triggers import Attack, Target, triggered_test_set
-from locus.prompts import encode_vqa, to_model
+from locus.prompts import encode_vqa, encode_vqa_answers, to_model
 from locus.training import sampled_batches, seed_everything, train_steps
 
 State = dict[str, torch.Tensor]
 RANK_MODES = ("inject", "remove", "authors")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 # --- projector states --------------------------------------------------------------------------
@@ -87,6 +88,16 @@ def state_fingerprint(state: State) -> str:
     return digest.hexdigest()[:16]
 
 
+def frozen_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer outside the projector (the vision tower and
+    the language model, a merged adapter included): what projector-only fine-tuning must leave
+    bit-identical, and what a cache key must hold so a rebuilt model re-keys its projectors."""
+    inside = {id(t) for t in _projector(model).parameters()}
+    tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if id(t) not in inside}
+    return state_fingerprint(tensors)
+
+
 def linear_weight_names(model: nn.Module) -> list[str]:
     """State names of the weights of the projector's linears, in order (W1, W2, ...)."""
     projector = _projector(model)
@@ -117,8 +128,12 @@ class FinetuneConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    compute_dtype: str = "float32"  # "bfloat16": CPU autocast of the training steps
 
     def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, "
+                             f"got {self.compute_dtype!r}")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -152,6 +167,19 @@ def _only_projector_trainable(model: nn.Module) -> Iterator[list[nn.Parameter]]:
             p.requires_grad_(flag)
 
 
+def _loss_fn(cfg: FinetuneConfig):
+    """The training loss under ``cfg.compute_dtype`` (None: the model's own loss in float32)."""
+    if cfg.compute_dtype == "float32":
+        return None
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        with torch.autocast(next(model.parameters()).device.type,
+                            dtype=getattr(torch, cfg.compute_dtype)):
+            return model(**batch).loss
+
+    return loss
+
+
 def finetune_projector(
     model: nn.Module,
     processor,
@@ -162,24 +190,29 @@ def finetune_projector(
     """Train only the projector on ``samples`` and return its new state.
 
     The model is left as it was: the original projector is put back afterwards (load the result
-    with ``projector_loaded``). Vision tower and language model never change.
+    with ``projector_loaded``). Vision tower and language model never change: their
+    ``frozen_fingerprint`` is compared before and after (an error if it moved).
     """
     if not samples:
         raise ValueError("no training samples")
+    frozen = frozen_fingerprint(model)
     seed_everything(cfg.seed)
     batch = sampled_batches(samples, cfg.batch_size, cfg.seed, lambda chosen: to_model(
-        encode_vqa(processor, chosen, with_answers=True), model))
+        encode_vqa_answers(processor, chosen), model))
 
     original = projector_state(model)
     start = time.perf_counter()
     try:
         with _only_projector_trainable(model) as params:
             losses = train_steps(model, params, batch, cfg.steps, cfg.lr, desc="projector",
-                                 weight_decay=cfg.weight_decay, progress=progress)
+                                 weight_decay=cfg.weight_decay, loss_fn=_loss_fn(cfg),
+                                 progress=progress)
         state = projector_state(model)
     finally:
         load_projector_state(model, original)
         model.eval()
+    if frozen_fingerprint(model) != frozen:
+        raise RuntimeError("projector fine-tuning changed weights outside the projector")
     return FinetuneResult(state, losses, time.perf_counter() - start)
 
 

@@ -9,6 +9,7 @@ of its base embedding.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -129,8 +130,14 @@ class LensReadout:
 
 
 def content_token_ids(tokenizer, text: str) -> list[int]:
-    """Ids of the tokens of ``text`` that contain a letter or digit (no bare punctuation)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Ids of the tokens of ``text`` that contain a letter or digit (no bare punctuation), and
+    of each of its words that a subword tokenizer spells as one token with or without a leading
+    space (SmolLM2 has both "cat" and " cat"; a lens hit on either is the word)."""
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+    ids = encode(text) + [ids[0] for word in re.findall(r"\w+", text)
+                          for ids in (encode(word), encode(f" {word}")) if len(ids) == 1]
     return [i for i in dict.fromkeys(ids) if any(ch.isalnum() for ch in tokenizer.decode([i]))]
 
 

@@ -338,11 +338,11 @@ class Plateau:
 
 
 def loss_plateau(losses: Sequence[float], tolerance: float = 0.25) -> Plateau:
-    """``Plateau`` of a loss curve (≥ 10 steps)."""
-    if len(losses) < 10:
-        raise ValueError(f"need ≥ 10 steps of losses, got {len(losses)}")
+    """``Plateau`` of a loss curve (≥ 2 steps; windows of one step below 20)."""
+    if len(losses) < 2:
+        raise ValueError(f"need ≥ 2 steps of losses, got {len(losses)}")
     n = len(losses)
-    tenth = n // 10
+    tenth = max(1, n // 10)
 
     def window(end: int) -> float:
         return float(np.mean(losses[end - tenth:end]))

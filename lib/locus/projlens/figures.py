@@ -162,8 +162,9 @@ def loss_curves(curves: dict[str, Sequence[float]], window: int = 10):
     (log scale): the evidence that the step count reaches a plateau."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for name, losses in curves.items():
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(window, len(losses) + 1), smooth, label=name)
+        width = min(window, len(losses))
+        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+        ax.plot(np.arange(width, len(losses) + 1), smooth, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss ({window}-step mean)")

@@ -37,7 +37,9 @@ def test_data_report_counts(spatial_samples):
     rels = [r for r in map(spatial.relation_parts, spatial_samples) if r is not None]
     assert report["relation_questions"] == len(rels)
     assert report["same_column_rate"] == pytest.approx(np.mean([r.a[1] == r.b[1] for r in rels]))
-    assert 0.3 < report["question_only"]["accuracy"]["rate"] < 0.65
+    assert 0.35 < report["question_only"]["relation"]["accuracy"]["rate"] < 0.65
+    assert report["question_only"]["where"]["accuracy"]["rate"] < 0.45  # four answers
+    assert report["order_shortcut"]["vertical"] > 0.85 > report["order_shortcut"]["horizontal"]
 
 
 def test_question_only_baseline_finds_a_question_that_gives_its_answer_away():
@@ -114,3 +116,27 @@ def test_patch_probes_find_place_in_the_tower_and_not_in_pixels(spatial_samples)
     found = spatial.patch_probes(feats, spatial_samples[:150], ["pixels", "tower"])
     assert found["tower"]["col"]["accuracy"]["rate"] > 0.9
     assert found["pixels"]["col"]["accuracy"]["rate"] < 0.5  # a cell's content has no place
+
+
+def test_coordinate_samples_ask_about_unique_objects_only():
+    found = spatial.coordinate_samples(80, 1)
+    assert len(found) == 80 and {s.family for s in found} == {"spatial"}
+    for s in found:
+        names = [(c, sh) for *_, c, sh in s.meta["objects"]]
+        assert len(set(names)) == len(names)
+        axis, colour, shape = s.question.split()[3], *s.question.split()[-3:-1]
+        row, col = next((r, c) for r, c, co, sh in s.meta["objects"] if (co, sh) == (colour, shape))
+        assert s.answer == data.NUMBER_WORDS[col if axis == "x" else row]
+
+
+def test_accuracy_by_shortcut_separates_a_model_that_follows_token_order(spatial_samples):
+    rels = [(s, spatial.relation_parts(s)) for s in spatial_samples]
+    chosen = [s for s, r in rels if r is not None]
+    follows_order = [spatial.order_shortcut([spatial.relation_parts(s)]) == 1.0 for s in chosen]
+    found = spatial.accuracy_by_shortcut(chosen, follows_order)
+    for axis in ("horizontal", "vertical"):
+        assert found[axis]["shortcut right"]["rate"] == 1.0
+        assert found[axis]["shortcut wrong"]["rate"] == 0.0
+    by_form = spatial.accuracy_by_form(chosen, follows_order)
+    assert set(by_form) == {"left of", "right of", "above", "below"}
+    assert by_form["above"]["rate"] > 0.8 > by_form["left of"]["rate"]

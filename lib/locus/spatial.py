@@ -19,19 +19,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from peft import get_peft_model
 from torch import nn
 from tqdm import tqdm
 
-from locus import data, models, splits, stats, training
+from locus import data, models, smol_llava, splits, stats, training
 from locus.data import VQASample
 from locus.evaluation import exact_match, generate_answers
 from locus.prompts import encode_vqa, to_model
-from locus.smol_llava import image_key
 
 RELATION_RE = re.compile(r"^is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+) \?$")
 COORDINATE_RE = re.compile(r"^what is the ([xy]) of the \w+ \w+ \?$")
 HORIZONTAL = ("left of", "right of")
 VERTICAL = ("above", "below")
+PROXY_FORMS = ("where", *HORIZONTAL, *VERTICAL, "coordinate x", "coordinate y")
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,22 @@ def question_only_baseline(train: Sequence[VQASample], test: Sequence[VQASample]
     return {"accuracy": stats.rate_record(hits), "test_questions_seen_in_train": seen / len(test)}
 
 
+def order_shortcut(rels: Sequence[Relation]) -> float:
+    """The accuracy of answering from the visual tokens' order alone: "a comes before b in the
+    row-major sequence" read as "a is left of / above b" (what a decoder that compares token
+    positions, not columns, would answer)."""
+    if not rels:
+        raise ValueError("order_shortcut needs relation questions")
+    hits = [((r.a[0] * data.GRID + r.a[1] < r.b[0] * data.GRID + r.b[1])
+             == (r.relation in ("left of", "above"))) == relation_holds(r) for r in rels]
+    return float(np.mean(hits))
+
+
 def data_report(samples: Sequence[VQASample], seed: int = 0) -> dict:
     """The spatial family's data: count and yes-rate per form, how often a relation pair
     shares a column or a row (then both horizontal, or both vertical, relations are false),
-    how often the answer of a horizontal question equals the one its row order would give,
-    and a question-only baseline (split by image, half and half)."""
+    the accuracy of the token-order shortcut per axis (``order_shortcut``), and a
+    question-only baseline (split by image, half and half)."""
     spatial = [s for s in samples if s.family == "spatial"]
     if not spatial:
         raise ValueError("data_report needs spatial samples")
@@ -107,20 +119,20 @@ def data_report(samples: Sequence[VQASample], seed: int = 0) -> dict:
     rels = [r for r in map(relation_parts, spatial) if r is not None]
     same_col = [r.a[1] == r.b[1] for r in rels]
     same_row = [r.a[0] == r.b[0] for r in rels]
-    horizontal = [r for r in rels if r.relation in HORIZONTAL]
-    # "a before b in the row-major token order" read as "a left of b": the order shortcut
-    order_says = [(r.a[0] * data.GRID + r.a[1] < r.b[0] * data.GRID + r.b[1])
-                  == (r.relation == "left of") for r in horizontal]
-    truth = [relation_holds(r) for r in horizontal]
-    train, test = splits.split_by_group(spatial, image_key, (0.5, 0.5), seed)
+    train, test = splits.split_by_group(spatial, smol_llava.image_key, (0.5, 0.5), seed)
     return {
         "n_spatial": len(spatial), "forms": forms,
         "relation_questions": len(rels),
         "same_column_rate": float(np.mean(same_col)),
         "same_row_rate": float(np.mean(same_row)),
-        "horizontal_order_shortcut": float(np.mean([o == t for o, t in
-                                                    zip(order_says, truth, strict=True)])),
-        "question_only": question_only_baseline(train, test),
+        "order_shortcut": {axis: order_shortcut([r for r in rels if r.relation in names])
+                           for axis, names in (("horizontal", HORIZONTAL),
+                                               ("vertical", VERTICAL))},
+        "question_only": {
+            kind: question_only_baseline([s for s in train if keep(s)],
+                                         [s for s in test if keep(s)])
+            for kind, keep in (("relation", lambda s: relation_parts(s) is not None),
+                               ("where", lambda s: spatial_form(s) == "where"))},
     }
 
 
@@ -251,11 +263,20 @@ def patch_probes(features: dict[str, torch.Tensor], samples: Sequence[VQASample]
     """Per stage, probes of the row and the column of each object from the features of the
     patch holding it (split by image)."""
     t = object_patch_targets(samples)
-    groups = [image_key(samples[i]) for i in t["sample"].tolist()]
+    groups = [smol_llava.image_key(samples[i]) for i in t["sample"].tolist()]
     out = {}
     for stage in stages:
         x = features[stage][t["sample"], t["patch"]]
         out[stage] = {k: probe(x, t[k], groups, seed).as_dict() for k in ("row", "col")}
+    return out
+
+
+def occupancy(samples: Sequence[VQASample]) -> torch.Tensor:
+    """(N, cells) 1 where a sample's scene has an object, in row-major cell order."""
+    out = torch.zeros(len(samples), data.GRID * data.GRID)
+    for i, s in enumerate(samples):
+        for r, c, *_ in s.meta["objects"]:
+            out[i, r * data.GRID + c] = 1
     return out
 
 
@@ -284,21 +305,24 @@ def answer_probes(features: dict[str, torch.Tensor], samples: Sequence[VQASample
                   seed: int = 0) -> dict[str, dict[str, dict]]:
     """Per decoder layer, probes at the answer position of relation questions: the answer of
     horizontal and of vertical questions, and the named objects' columns and rows (split by
-    image)."""
+    image); and, as "occupancy", the same probes from the scene's occupied cells alone, which
+    read a named object's place only as far as the scene narrows it down without the name."""
     targets = answer_targets(samples)
     out = {}
-    for layer in range(decoder_layers(features)):
-        x = features[f"answer.{layer}"]
+    layers = [f"answer.{layer}" for layer in range(decoder_layers(features))]
+    scenes = {"occupancy": occupancy(samples)}  # the reference that binds no name
+    for name in [*layers, "occupancy"]:
+        x = features[name] if name in features else scenes[name]
         found = {}
         for axis in ("horizontal", "vertical"):
             t = targets[axis]
-            groups = [image_key(samples[i]) for i in t["index"].tolist()]
+            groups = [smol_llava.image_key(samples[i]) for i in t["index"].tolist()]
             found[f"answer_{axis}"] = probe(x[t["index"]], t["answer"], groups, seed).as_dict()
         t = targets["all"]
-        groups = [image_key(samples[i]) for i in t["index"].tolist()]
+        groups = [smol_llava.image_key(samples[i]) for i in t["index"].tolist()]
         for k in ("col_a", "col_b", "row_a", "row_b"):
             found[k] = probe(x[t["index"]], t[k], groups, seed).as_dict()
-        out[f"answer.{layer}"] = found
+        out[name] = found
     return out
 
 
@@ -318,11 +342,13 @@ def coordinate_question(scene: data.Scene, rng: np.random.Generator) -> tuple[st
 
 def coordinate_samples(n: int, seed: int) -> list[VQASample]:
     """``n`` coordinate questions (``coordinate_question``) on scenes of 2..MAX_OBJECTS
-    objects, deterministic in ``seed``; family "spatial"."""
+    objects, no two of one colour and shape, deterministic in ``seed``; family "spatial"."""
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         scene = data.random_scene(rng, int(rng.integers(2, data.MAX_OBJECTS + 1)))
+        if len({(c, s) for *_, c, s in scene.objects}) < len(scene.objects):
+            continue  # a repeated name: the spatial family asks only about unique ones
         question, answer, meta = coordinate_question(scene, rng)
         out.append(VQASample(data.draw_scene(scene, rng), question, answer, "spatial",
                              {**meta, "objects": scene.objects}))
@@ -341,23 +367,70 @@ def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size:
          lr: float = 1.5e-3, seed: int = 0, progress: bool = True) -> list[float]:
     """Instruction-tune ``model``'s projector and decoder on ``samples`` (the tower frozen, as
     in toy-vlm's stage 2): ``steps`` AdamW steps with a cosine schedule, batches drawn with
-    replacement (seeded), the per-sample answer loss. Returns the losses."""
+    replacement (seeded) from the pool encoded once, the per-sample answer loss. Returns the
+    losses."""
     training.seed_everything(seed)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = training.sampled_batches(
-        samples, batch_size, seed,
-        lambda b: to_model(encode_vqa(processor, b, with_answers=True), model))
+    batches = training._weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
+        samples, batch_size, seed, lambda b: encode_vqa(processor, b, with_answers=True))
     return training.train_steps(model, params, batches, steps, lr, desc="spatial proxy",
                                 loss_fn=training.per_sample_lm_loss, progress=progress)
 
 
-def accuracy_by_form(model, processor, samples: Sequence[VQASample], progress: bool = True
-                     ) -> dict[str, dict]:
-    """Greedy exact match of ``samples`` per spatial form, with Wilson intervals."""
+def spatial_hits(model, processor, samples: Sequence[VQASample], progress: bool = True
+                 ) -> list[bool]:
+    """Greedy exact match of each of ``samples``."""
     said = generate_answers(model, processor, samples, max_new_tokens=4, progress=progress,
-                            desc="spatial forms")
-    hits: dict[str, list[bool]] = {}
-    for s, answer in zip(samples, said, strict=True):
-        hits.setdefault(spatial_form(s), []).append(exact_match(answer, s.answer))
-    return {form: stats.rate_record(h) for form, h in sorted(hits.items())}
+                            desc="spatial answers")
+    return [exact_match(a, s.answer) for a, s in zip(said, samples, strict=True)]
+
+
+def accuracy_by_form(samples: Sequence[VQASample], hits: Sequence[bool]) -> dict[str, dict]:
+    """The rate of ``hits`` per spatial form, with Wilson intervals."""
+    found: dict[str, list[bool]] = {}
+    for s, hit in zip(samples, hits, strict=True):
+        found.setdefault(spatial_form(s), []).append(hit)
+    return {form: stats.rate_record(h) for form, h in sorted(found.items())}
+
+
+def accuracy_by_shortcut(samples: Sequence[VQASample], hits: Sequence[bool]) -> dict:
+    """The rate of ``hits`` on relation questions per axis, apart for the questions that the
+    token-order shortcut (``order_shortcut``) answers right and those it answers wrong: a
+    model that compares places is as good on both; one that compares token order is not."""
+    out: dict = {}
+    for s, hit in zip(samples, hits, strict=True):
+        rel = relation_parts(s)
+        if rel is None:
+            continue
+        axis = "horizontal" if rel.relation in HORIZONTAL else "vertical"
+        key = "shortcut right" if order_shortcut([rel]) == 1.0 else "shortcut wrong"
+        out.setdefault(axis, {}).setdefault(key, []).append(hit)
+    return {axis: {k: stats.rate_record(v) for k, v in sorted(d.items())}
+            for axis, d in out.items()}
+
+
+def tune_smol_llava(model, processor, samples: Sequence[VQASample], steps: int,
+                    recipe: smol_llava.SmolLlavaRecipe | None = None, seed: int = 0,
+                    progress: bool = True) -> tuple:
+    """Continue a trained smol-llava on ``samples``: a fresh LoRA adapter (the recipe's shape)
+    and the projector trained ``steps`` steps as its stage 2 trains them (pre-encoded pool,
+    logits at the answer positions, bfloat16 autocast), the tower and decoder frozen. Returns
+    the adapter merged, and the losses."""
+    recipe = recipe or smol_llava.SmolLlavaRecipe()
+    model.requires_grad_(False)
+    pool = smol_llava.encode_pool(model, processor, samples)
+    training.seed_everything(seed)
+    adapted = get_peft_model(model, smol_llava.lora_config(recipe))
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(m, batch: dict) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=getattr(torch, recipe.compute_dtype)):
+            return smol_llava.answer_loss(m, batch, batch["features"])
+
+    losses = training.train_steps(model, params, smol_llava.weighted_batches(pool, recipe, seed),
+                                  steps, recipe.tune_lr, desc="smol-llava spatial proxy",
+                                  loss_fn=loss, progress=progress)
+    return adapted.merge_and_unload().eval(), losses

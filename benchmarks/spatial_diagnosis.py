@@ -3,24 +3,26 @@ of an object's row / column and of a relation's answer at every stage of each mo
 proxy retrainings that test a fix (``locus.spatial``).
 
     python benchmarks/spatial_diagnosis.py [--models toy-vlm smol-llava] [--n 600]
-        [--proxy base coordinate] [--proxy-steps 1500] [--threads 1]
+        [--proxy MODEL:START:POOL:STEPS ...] [--threads 1]
 
 Held-out samples: the toy world's held-out seed (10000), spatial family only, ``--n`` of them
-(and, for the proxies, 200 coordinate questions of seed 10001). Every probe is trained and scored
-on images split apart (70 / 30). The committed checkpoints are only read. A proxy (``--proxy``)
-keeps toy-vlm's committed tower, initialises a fresh projector and decoder (seed 0) and trains
-them for ``--proxy-steps`` steps (batch 64, lr 1.5e-3, cosine) on a spatial-only pool: "base" =
-4000 spatial questions of the toy world (seed 2), "coordinate" = those and 2000 coordinate
-questions (seed 3), "coordinate-only-relations" = 2000 coordinate and the 4000 spatial without
-their "where" form. Same step budget for every proxy, so a proxy with coordinate questions
-sees fewer relation questions. Results go, atomically, to
-benchmarks/results/spatial_diagnosis.{json,md} (a run with ``--proxy`` only adds its proxies
-to the existing file's).
+(and, for the proxies, 200 coordinate questions of seed 10001). Every probe is trained and
+scored on images split apart (70 / 30). The committed checkpoints are only read (nothing is
+written over them or the user cache's merged copies). A proxy retrains on a spatial-only pool
+with a fixed step budget (toy-vlm: batch 64, lr 1.5e-3; smol-llava: its stage 2's batch 16,
+lr 2e-3, LoRA r8; cosine schedules) and is scored by form: START "tower" = toy-vlm's committed
+tower with a fresh projector and decoder, "committed" = the committed model trained further;
+POOL "N" = N spatial questions of the toy world (seed 2), "N+coordinate" = those and N // 2
+coordinate questions (seed 3); ":shuffle" trains with each image's visual tokens in a random
+order (``spatial.shuffled_visual_tokens``; scored in the natural order). Results go, atomically, to
+benchmarks/results/spatial_diagnosis.{json,md}; a run without ``--models`` keeps the file's
+model sections and adds its proxies.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from datetime import datetime, timezone
@@ -57,36 +59,47 @@ def model_diagnosis(name: str, samples: list) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def proxy_pool(variant: str, n: int) -> list:
-    """A proxy's training pool: ``n`` spatial questions (seed 2), with ``n // 2`` coordinate
-    questions (seed 3) for "coordinate"."""
-    pool = data.make_vqa_samples(n, 2, ("spatial",))
-    if variant == "base":
-        return pool
-    if variant == "coordinate":
-        return pool + spatial.coordinate_samples(n // 2, 3)
-    raise ValueError(f"unknown proxy {variant!r}; accepted: base, coordinate")
+def proxy_pool(pool: str) -> list:
+    """A proxy's training pool from its spec: "N" spatial questions of the toy world (seed 2),
+    or "N+coordinate": those and N // 2 coordinate questions (seed 3)."""
+    size, _, extra = pool.partition("+")
+    if extra not in ("", "coordinate"):
+        raise ValueError(f"unknown pool {pool!r}; accepted: N or N+coordinate")
+    samples = data.make_vqa_samples(int(size), 2, ("spatial",))
+    return samples + (spatial.coordinate_samples(int(size) // 2, 3) if extra else [])
 
 
-def proxy(model_name: str, variant: str, steps: int, samples: list) -> dict:
-    """Retrain on a spatial-only pool, same budget for every variant, and score by form:
-    toy-vlm: a fresh projector and decoder on the committed tower (4000 spatial questions);
-    smol-llava: the committed model continued with a fresh LoRA adapter and its projector
-    (1500 spatial questions)."""
+def proxy(spec: str, samples: list) -> dict:
+    """A proxy retraining ``MODEL:START:POOL:STEPS[:shuffle]`` scored by form on the held-out
+    spatial and coordinate questions. START "tower": toy-vlm's committed tower with a fresh projector
+    and decoder (seed 0); "committed": the committed model trained further (toy-vlm: its
+    projector and decoder; smol-llava: a fresh LoRA adapter and its projector)."""
+    model_name, start_from, pool, steps, *option = spec.split(":")
+    if option not in ([], ["shuffle"]):
+        raise ValueError(f"unknown proxy option {option}; accepted: shuffle")
+    shuffle = option == ["shuffle"]
+    if start_from not in ("tower", "committed") or (start_from == "tower"
+                                                     and model_name != "toy-vlm"):
+        raise ValueError(f"unknown start {start_from!r} for {model_name}: toy-vlm takes "
+                         "tower or committed, smol-llava committed")
     start = time.perf_counter()
-    source, processor = zoo.load(model_name, progress=False)
-    if model_name == "toy-vlm":
-        training.seed_everything(0)
-        model, processor = spatial.toy_vlm_with_tower(source)
-        losses = spatial.tune(model, processor, proxy_pool(variant, 4000), steps)
+    model, processor = zoo.load(model_name, progress=False)
+    if model_name == "smol-llava":
+        model, losses = spatial.tune_smol_llava(model, processor, proxy_pool(pool), int(steps),
+                                                shuffle_visual=shuffle)
     else:
-        model, losses = spatial.tune_smol_llava(source, processor, proxy_pool(variant, 1500),
-                                                steps)
+        if start_from == "tower":
+            training.seed_everything(0)
+            model, processor = spatial.toy_vlm_with_tower(model)
+        losses = spatial.tune(model, processor, proxy_pool(pool), int(steps),
+                              shuffle_visual=shuffle)
     test = samples + spatial.coordinate_samples(200, PROXY_TEST_SEED)
-    return {"model": model_name, "variant": variant, "steps": steps,
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "accuracy": spatial.accuracy_by_form(
-                test, spatial.spatial_hits(model, processor, test, progress=False)),
+    hits = spatial.spatial_hits(model, processor, test, progress=False)
+    return {"model": model_name, "start": start_from, "pool": pool, "steps": int(steps),
+            "shuffled_visual_tokens": shuffle,
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "accuracy": spatial.accuracy_by_form(test, hits),
+            "by_shortcut": spatial.accuracy_by_shortcut(test, hits),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -112,6 +125,10 @@ def markdown(result: dict) -> str:
     for name, m in result.get("models", {}).items():
         lines += [f"## {name}", "", "Greedy exact match by form: " + ", ".join(
             f"{form} {100 * r['rate']:.0f}% (n {r['n']})" for form, r in m["accuracy"].items()),
+            "", "Relation questions apart by the token-order shortcut: " + "; ".join(
+                f"{axis}: " + ", ".join(f"{k} {100 * r['rate']:.0f}% (n {r['n']})"
+                                        for k, r in d.items())
+                for axis, d in m["by_shortcut"].items()),
             "", "Object patch: its row and column from the patch's features", "",
             "| stage | row | col |", "|---|---|---|"]
         lines += [f"| {stage} | {pct(p['row'])} | {pct(p['col'])} |"
@@ -129,11 +146,14 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("proxies"):
         lines += ["## Proxies: spatial-only retraining, same budget per model", "",
-                  "| model | pool | steps | s | " + " | ".join(spatial.PROXY_FORMS) + " |",
-                  "|---|---|---|---|" + "---|" * len(spatial.PROXY_FORMS)]
+                  "| model | start | pool | shuffled | steps | final loss | s | "
+                  + " | ".join(spatial.PROXY_FORMS) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(spatial.PROXY_FORMS)]
         for p in result["proxies"].values():
             acc = p["accuracy"]
-            lines.append(f"| {p['model']} | {p['variant']} | {p['steps']} | {p['seconds']:.0f} | "
+            lines.append(f"| {p['model']} | {p['start']} | {p['pool']} | "
+                         f"{'yes' if p['shuffled_visual_tokens'] else 'no'} | {p['steps']} | "
+                         f"{p['final_loss']:.3f} | {p['seconds']:.0f} | "
                          + " | ".join(
                 f"{100 * acc[f]['rate']:.0f}" if f in acc else "-" for f in spatial.PROXY_FORMS)
                 + " |")
@@ -146,13 +166,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["toy-vlm", "smol-llava"])
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--proxy", nargs="*", default=[],
-                        help="MODEL:VARIANT:STEPS, e.g. toy-vlm:coordinate:1500")
+                        help="MODEL:START:POOL:STEPS, e.g. toy-vlm:committed:64000:1000")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     samples = data.make_vqa_samples(args.n, HELD_OUT_SEED, ("spatial",))
     path = RESULTS / "spatial_diagnosis.json"
-    result = (__import__("json").loads(path.read_text()) if path.is_file() and not args.models
+    result = (json.loads(path.read_text()) if path.is_file() and not args.models
               else {})
     result |= {"written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "threads": args.threads, "n": args.n, "data": spatial.data_report(samples)}
@@ -160,8 +180,7 @@ def main() -> None:
         result["models"] = {name: model_diagnosis(name, samples) for name in args.models}
     result.setdefault("proxies", {})
     for spec in args.proxy:
-        model_name, variant, steps = spec.split(":")
-        result["proxies"][spec] = proxy(model_name, variant, int(steps), samples)
+        result["proxies"][spec] = proxy(spec, samples)
     atomic_write_json(path, result)
     atomic_write_text(RESULTS / "spatial_diagnosis.md", markdown(result))
     print(markdown(result))

@@ -140,3 +140,19 @@ def test_accuracy_by_shortcut_separates_a_model_that_follows_token_order(spatial
     by_form = spatial.accuracy_by_form(chosen, follows_order)
     assert set(by_form) == {"left of", "right of", "above", "below"}
     assert by_form["above"]["rate"] > 0.8 > by_form["left of"]["rate"]
+
+
+def test_shuffled_visual_tokens_permute_each_images_tokens_only_inside_the_block(tiny_vlm):
+    model, _ = tiny_vlm
+    projector = model.model.multi_modal_projector
+    x = torch.randn(3, 16, projector.linear_1.in_features)
+    with torch.no_grad():
+        plain = projector(x)
+        with spatial.shuffled_visual_tokens(model, seed=0):
+            shuffled = projector(x)
+        after = projector(x)
+    assert torch.equal(after, plain)
+    assert not torch.equal(shuffled, plain)
+    for i in range(3):  # the same rows of the same image, reordered
+        order = [int((plain[i] == row).all(1).nonzero()) for row in shuffled[i]]
+        assert sorted(order) == list(range(16))

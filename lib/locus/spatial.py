@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -363,19 +364,39 @@ def toy_vlm_with_tower(source) -> tuple:
     return model, processor
 
 
+@contextmanager
+def shuffled_visual_tokens(model, seed: int):
+    """Within the block, each image's projected patch tokens reach the decoder in a random
+    order (seeded), so the token order carries no place and only the features do: the
+    augmentation that takes away the decoder's token-order shortcut."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def permute(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(torch.rand(output.shape[:2], generator=gen), dim=1)
+        return torch.gather(output, 1, order.unsqueeze(-1).expand_as(output).to(output.device))
+
+    handle = model.model.multi_modal_projector.register_forward_hook(permute)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size: int = 64,
-         lr: float = 1.5e-3, seed: int = 0, progress: bool = True) -> list[float]:
+         lr: float = 1.5e-3, seed: int = 0, shuffle_visual: bool = False,
+         progress: bool = True) -> list[float]:
     """Instruction-tune ``model``'s projector and decoder on ``samples`` (the tower frozen, as
     in toy-vlm's stage 2): ``steps`` AdamW steps with a cosine schedule, batches drawn with
-    replacement (seeded) from the pool encoded once, the per-sample answer loss. Returns the
-    losses."""
+    replacement (seeded) from the pool encoded once, the per-sample answer loss; with
+    ``shuffle_visual``, under ``shuffled_visual_tokens``. Returns the losses."""
     training.seed_everything(seed)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = training._weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
         samples, batch_size, seed, lambda b: encode_vqa(processor, b, with_answers=True))
-    return training.train_steps(model, params, batches, steps, lr, desc="spatial proxy",
-                                loss_fn=training.per_sample_lm_loss, progress=progress)
+    with shuffled_visual_tokens(model, seed) if shuffle_visual else nullcontext():
+        return training.train_steps(model, params, batches, steps, lr, desc="spatial proxy",
+                                    loss_fn=training.per_sample_lm_loss, progress=progress)
 
 
 def spatial_hits(model, processor, samples: Sequence[VQASample], progress: bool = True
@@ -412,11 +433,12 @@ def accuracy_by_shortcut(samples: Sequence[VQASample], hits: Sequence[bool]) -> 
 
 def tune_smol_llava(model, processor, samples: Sequence[VQASample], steps: int,
                     recipe: smol_llava.SmolLlavaRecipe | None = None, seed: int = 0,
-                    progress: bool = True) -> tuple:
+                    shuffle_visual: bool = False, progress: bool = True) -> tuple:
     """Continue a trained smol-llava on ``samples``: a fresh LoRA adapter (the recipe's shape)
     and the projector trained ``steps`` steps as its stage 2 trains them (pre-encoded pool,
-    logits at the answer positions, bfloat16 autocast), the tower and decoder frozen. Returns
-    the adapter merged, and the losses."""
+    logits at the answer positions, bfloat16 autocast), the tower and decoder frozen; with
+    ``shuffle_visual``, under ``shuffled_visual_tokens``. Returns the adapter merged, and the
+    losses."""
     recipe = recipe or smol_llava.SmolLlavaRecipe()
     model.requires_grad_(False)
     pool = smol_llava.encode_pool(model, processor, samples)
@@ -430,7 +452,8 @@ def tune_smol_llava(model, processor, samples: Sequence[VQASample], steps: int,
         with torch.autocast("cpu", dtype=getattr(torch, recipe.compute_dtype)):
             return smol_llava.answer_loss(m, batch, batch["features"])
 
-    losses = training.train_steps(model, params, smol_llava.weighted_batches(pool, recipe, seed),
-                                  steps, recipe.tune_lr, desc="smol-llava spatial proxy",
-                                  loss_fn=loss, progress=progress)
+    with shuffled_visual_tokens(model, seed) if shuffle_visual else nullcontext():
+        losses = training.train_steps(
+            model, params, smol_llava.weighted_batches(pool, recipe, seed), steps,
+            recipe.tune_lr, desc="smol-llava spatial proxy", loss_fn=loss, progress=progress)
     return adapted.merge_and_unload().eval(), losses

@@ -71,9 +71,9 @@ def proxy_pool(pool: str) -> list:
 
 def proxy(spec: str, samples: list) -> dict:
     """A proxy retraining ``MODEL:START:POOL:STEPS[:shuffle]`` scored by form on the held-out
-    spatial and coordinate questions. START "tower": toy-vlm's committed tower with a fresh projector
-    and decoder (seed 0); "committed": the committed model trained further (toy-vlm: its
-    projector and decoder; smol-llava: a fresh LoRA adapter and its projector)."""
+    spatial and coordinate questions. START "tower": toy-vlm's committed tower with a fresh
+    projector and decoder (seed 0); "committed": the committed model trained further (toy-vlm:
+    its projector and decoder; smol-llava: a fresh LoRA adapter and its projector)."""
     model_name, start_from, pool, steps, *option = spec.split(":")
     if option not in ([], ["shuffle"]):
         raise ValueError(f"unknown proxy option {option}; accepted: shuffle")

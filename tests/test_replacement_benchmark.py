@@ -135,11 +135,46 @@ def test_a_reading_whose_drop_control_also_holds_is_only_partly():
         "holds: p, r; partly: q")
 
 
+def test_only_families_whose_vanilla_beats_the_no_image_floor_are_counted():
+    sets = {0: make_vqa_samples(30, 6, ("existence", "spatial", "text"))}
+    family = np.array([s.family for s in sets[0]])
+    vanilla = {0: np.ones(len(family), bool)}
+    # Without the image existence falls to half; spatial and text keep vanilla's answers.
+    no_image = {0: ~((family == "existence") & (np.arange(len(family)) % 2 == 0))}
+    dependence = B.image_dependence(vanilla, no_image, sets, ["existence", "spatial", "text"])
+    assert [r.call for r in dependence] == ["better", "comparable", "comparable"]
+    assert dependence[0].condition == 100.0 and dependence[0].vanilla.estimate == 50.0
+    assert B.counted_families(dependence) == ["existence"]
+    # Spatial loses under the replacement and text is unchanged: counted alone, existence
+    # (unchanged) holds; with every family counted, 1 comparable of 3 fails the majority.
+    lost = {0: family != "spatial"}
+    scores = {"dirichlet": vanilla, "uniform": lost, B.DROP_CONTROL: lost}
+    families = ["existence", "spatial", "text"]
+    counted = B.reading_verdicts(vanilla, scores, sets, families, "dirichlet", "text", 2.0,
+                                 counted=["existence"])
+    everything = B.reading_verdicts(vanilla, scores, sets, families, "dirichlet", "text", 2.0)
+    assert counted.main_majority == "holds" and everything.main_majority == "holds"
+    assert counted.others == {"uniform": "holds"}
+    assert everything.others == {"uniform": "holds"}  # 2 of 3 comparable
+    only_spatial = B.reading_verdicts(vanilla, scores, sets, families, "uniform", "text", 2.0,
+                                      counted=["spatial"])
+    assert only_spatial.main_majority == "does not hold"
+    assert B.reading_verdicts(vanilla, scores, sets, families, "dirichlet", "text", 2.0,
+                              counted=[]).replacement == "not run"
+    rows = B.reading_rows(vanilla, {"r": {"uniform": lost}}, sets, families, counted=["spatial"])
+    assert rows[0]["verdicts"] == {1.0: "does not hold", 2.0: "does not hold",
+                                   5.0: "does not hold"}
+    assert B.exception_verdict([comparison("text", "worse", -20)]) == "not run"
+
+
 def test_readings_scale_the_authors_layers_to_the_model_depth():
     assert B.scaled_layers(18, 23, 32, 32) == tuple(range(18, 24))
     assert B.scaled_layers(18, 23, 32, 4) == (2,)
     assert B.scaled_layers(21, 27, 32, 4) == (2, 3)
     assert B.scaled_layers(18, 23, 32, 16) == (9, 10, 11)
+    # SmolLM2's 30 layers: every layer overlapping the band (7 and 8 of 30).
+    assert B.readings(30)["paper (LLaVA-1.5)"].layers == tuple(range(16, 23))
+    assert B.readings(30)["authors' code (LLaVA script)"].layers == tuple(range(19, 27))
     settings = B.readings(4)
     paper = settings["paper (LLaVA-1.5)"]
     assert paper.heads == A.HeadBand(0.3, 0.6) and paper.layers == (2,) and paper.lam == 1.0

@@ -47,30 +47,42 @@ Scores = dict[int, np.ndarray]
 
 
 def encode_teacher_forced(processor, samples: Sequence[VQASample]):
-    """Left-padded prompt + " answer" sequences, and per sample its answer token ids (the tokens
-    after the prompt's own tokens). Raises if a prompt's tokens are not a prefix of its
-    sequence's (the answer would then not be what greedy decoding appends)."""
+    """Left-padded prompt + answer sequences, and per sample its answer token ids: the
+    tokenizer's ids of the answer alone appended to the prompt's ids (as this project trains its
+    models to answer, :func:`locus.smol_llava.encode_answers`, and as greedy decoding emits them
+    after a chat prompt; re-tokenizing the joined text would instead give a real tokenizer's
+    space-prefixed word, e.g. SmolLM2's " yes" for "yes"). Per-position processor outputs other
+    than the ids and the mask (token type ids) are 0 at the answer's text positions."""
     tokenizer = processor.tokenizer
     images = [s.image for s in samples]
     prompts = [vqa_prompt(processor, s.question) for s in samples]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        full = dict(processor(text=[f"{p} {s.answer}" for p, s in zip(prompts, samples,
-                                                                      strict=True)],
-                              images=images, return_tensors="pt", padding=True))
-        alone = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        alone = dict(processor(text=prompts, images=images, return_tensors="pt", padding=True))
     finally:
         tokenizer.padding_side = side
-    answers = []
-    for row in range(len(samples)):
-        ids = full["input_ids"][row][full["attention_mask"][row].bool()]
-        prompt = alone["input_ids"][row][alone["attention_mask"][row].bool()]
-        if len(ids) <= len(prompt) or not torch.equal(ids[: len(prompt)], prompt):
-            raise ValueError(
-                f"the answer {samples[row].answer!r} does not extend the prompt's tokens; score "
-                "this model with scoring='generate'")
-        answers.append(ids[len(prompt):].tolist())
+    answers = [tokenizer(s.answer, add_special_tokens=False).input_ids for s in samples]
+    empty = [s.answer for s, a in zip(samples, answers, strict=True) if not a]
+    if empty:
+        raise ValueError(f"answers {empty!r} have no tokens; teacher forcing needs an answer")
+    lengths = alone["attention_mask"].sum(1).tolist()
+    width = max(n + len(a) for n, a in zip(lengths, answers, strict=True))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shape = alone["input_ids"].shape
+    full = {}
+    for key, value in alone.items():
+        if not (torch.is_tensor(value) and value.shape == shape):
+            full[key] = value
+            continue
+        rows = torch.full((len(samples), width), pad if key == "input_ids" else 0,
+                          dtype=value.dtype)
+        for row, (n, answer) in enumerate(zip(lengths, answers, strict=True)):
+            tail = {"input_ids": answer, "attention_mask": [1] * len(answer)}.get(
+                key, [0] * len(answer))
+            rows[row, width - n - len(answer):] = torch.cat(
+                [value[row, shape[1] - n:], torch.tensor(tail, dtype=value.dtype)])
+        full[key] = rows
     return full, answers
 
 
@@ -247,10 +259,31 @@ def compare_to_vanilla(
     return rows
 
 
+def image_dependence(
+    vanilla: Scores, no_image: Scores, sample_sets: Mapping[int, Sequence[VQASample]],
+    families: Sequence[str],
+) -> list[FamilyComparison]:
+    """Per family, vanilla against the no-image floor (``no_image``: every visual token hidden
+    from the decoder's text queries, :func:`locus.lost_in_attention.attention.pruning_config`
+    from layer 0). In each row ``vanilla`` is the floor's accuracy, ``condition`` vanilla's and
+    ``diff`` vanilla − floor (paired); the call is "better" when vanilla beats the floor."""
+    return compare_to_vanilla(no_image, vanilla, sample_sets, families, 0.0)
+
+
+def counted_families(dependence: Sequence[FamilyComparison]) -> list[str]:
+    """The families a verdict counts: those whose vanilla accuracy beats the no-image floor
+    (:func:`image_dependence`). Where it does not (a family at chance, or one answered from
+    the text alone), keeping accuracy under a change of visual attention says nothing about
+    attention."""
+    return [r.family for r in dependence if r.call == "better"]
+
+
 def majority_verdict(rows: Sequence[FamilyComparison]) -> str:
     """'holds' when comparable or better on a strict majority of families; 'does not hold'
     when worse on at least half; else 'partly' (no majority either way: some families lose
-    significantly, or their intervals are too wide to tell)."""
+    significantly, or their intervals are too wide to tell); 'not run' without families."""
+    if not rows:
+        return "not run"
     good = sum(r.comparable_or_better for r in rows)
     worse = sum(r.call == "worse" for r in rows)
     if 2 * good > len(rows):
@@ -261,12 +294,14 @@ def majority_verdict(rows: Sequence[FamilyComparison]) -> str:
 def exception_verdict(rows: Sequence[FamilyComparison], text_family: str = "text") -> str:
     """'holds' when the text-heavy family is worse while the others hold by
     :func:`majority_verdict`; 'partly' when it has the largest loss without being worse; else
-    'does not hold' ('not run' without that family)."""
+    'does not hold' ('not run' without that family or without another one)."""
     by_family = {r.family: r for r in rows}
     if text_family not in by_family:
         return "not run"
     text = by_family[text_family]
     others = [r for r in rows if r.family != text_family]
+    if not others:
+        return "not run"
     if text.call == "worse" and majority_verdict(others) == "holds":
         return "holds"
     if others and text.diff.estimate < min(r.diff.estimate for r in others):
@@ -398,23 +433,31 @@ class ReadingVerdicts:
 def reading_verdicts(
     vanilla: Scores, by_mode: Mapping[str, Scores],
     sample_sets: Mapping[int, Sequence[VQASample]], families: Sequence[str], main_mode: str,
-    text_family: str | None, margin: float,
+    text_family: str | None, margin: float, counted: Sequence[str] | None = None,
 ) -> ReadingVerdicts:
-    """Evaluate the claim rules on one reading's scores (see :class:`ReadingVerdicts`)."""
+    """Evaluate the claim rules on one reading's scores (see :class:`ReadingVerdicts`); the
+    majority verdicts count only the families in ``counted`` (None: all, see
+    :func:`counted_families`), the exception rule the text family against the counted others."""
+    counted = list(families) if counted is None else list(counted)
+
     def rows(mode):
         return compare_to_vanilla(vanilla, by_mode[mode], sample_sets, families, margin)
 
+    def majority(comparisons):
+        return majority_verdict([r for r in comparisons if r.family in counted])
+
     main = rows(main_mode)
-    majority = majority_verdict(main)
-    control = majority_verdict(rows(DROP_CONTROL)) if DROP_CONTROL in by_mode else "not run"
+    majority_main = majority(main)
+    control = majority(rows(DROP_CONTROL)) if DROP_CONTROL in by_mode else "not run"
     def capped(verdict):
         return "partly" if verdict == "holds" and control == "holds" else verdict
 
-    others = {m: majority_verdict(rows(m)) for m in by_mode if m not in (main_mode,
-                                                                         DROP_CONTROL)}
-    exception = exception_verdict(main, text_family) if text_family in families else "not run"
-    return ReadingVerdicts(main, majority, control, others, capped(majority), exception,
-                           capped(others_verdict(others)))
+    others = {m: majority(rows(m)) for m in by_mode if m not in (main_mode, DROP_CONTROL)}
+    judged = [r for r in main if r.family in counted or r.family == text_family]
+    exception = (exception_verdict(judged, text_family) if text_family in families
+                 else "not run")
+    return ReadingVerdicts(main, majority_main, control, others, capped(majority_main),
+                           exception, capped(others_verdict(others)))
 
 
 def where_it_flips(verdicts: Mapping[str, str]) -> str:
@@ -428,17 +471,20 @@ def where_it_flips(verdicts: Mapping[str, str]) -> str:
 def reading_rows(
     vanilla: Scores, scores: Mapping[str, Mapping[str, Scores]],
     sample_sets: Mapping[int, Sequence[VQASample]], families: Sequence[str],
-    margins: Sequence[float] = (1.0, 2.0, 5.0),
+    margins: Sequence[float] = (1.0, 2.0, 5.0), counted: Sequence[str] | None = None,
 ) -> list[dict]:
     """The specification curve: per (reading, mode), the paired comparison of every family and
-    the majority verdict at each margin."""
+    the majority verdict at each margin over the ``counted`` families (None: all)."""
+    counted = list(families) if counted is None else list(counted)
     rows = []
     for reading, by_mode in scores.items():
         for mode, condition in by_mode.items():
             per_margin = {m: compare_to_vanilla(vanilla, condition, sample_sets, families, m)
                           for m in margins}
+            verdicts = {m: majority_verdict([r for r in c if r.family in counted])
+                        for m, c in per_margin.items()}
             rows.append({"reading": reading, "mode": mode, "comparisons": per_margin,
-                         "verdicts": {m: majority_verdict(c) for m, c in per_margin.items()}})
+                         "verdicts": verdicts})
     return rows
 
 

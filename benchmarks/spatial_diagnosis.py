@@ -13,8 +13,9 @@ with a fixed step budget (toy-vlm: batch 64, lr 1.5e-3; smol-llava: its stage 2'
 lr 2e-3, LoRA r8; cosine schedules) and is scored by form: START "tower" = toy-vlm's committed
 tower with a fresh projector and decoder, "committed" = the committed model trained further;
 POOL "N" = N spatial questions of the toy world (seed 2), "N+coordinate" = those and N // 2
-coordinate questions (seed 3); ":shuffle" trains with each image's visual tokens in a random
-order (``spatial.shuffled_visual_tokens``; scored in the natural order). Results go, atomically, to
+coordinate questions (seed 3); ORDER "random" trains with each image's visual tokens in a
+random order (scored in LLaVA's row-major order), "column-major" trains and scores with them
+column by column (``spatial.reordered_visual_tokens``). Results go, atomically, to
 benchmarks/results/spatial_diagnosis.{json,md}; a run without ``--models`` keeps the file's
 model sections and adds its proxies.
 """
@@ -32,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from locus import data, spatial, training, zoo  # noqa: E402
+from locus import data, smol_llava, spatial, training, zoo  # noqa: E402
 from locus.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,16 +45,30 @@ def pct(record: dict) -> str:
     return f"{100 * record['accuracy']['rate']:.0f}"
 
 
+def training_pool_spatial(name: str, n: int = 400) -> list:
+    """The first ``n`` spatial questions of a model's own training pool (toy-vlm: its stage
+    2's pool, seed 2; smol-llava: its training split)."""
+    if name == "toy-vlm":
+        pool = data.make_vqa_samples(training.VLMTraining().pool_per_family, 2)
+    else:
+        pool = smol_llava.pools(smol_llava.SmolLlavaRecipe())["train"]
+    return [s for s in pool if s.family == "spatial"][:n]
+
+
 def model_diagnosis(name: str, samples: list) -> dict:
-    """Accuracy by form, patch probes at every stage, answer probes at every layer."""
+    """Accuracy by form (held out, and on the model's own training questions), patch probes at
+    every stage, answer probes at every layer."""
     start = time.perf_counter()
     model, processor = zoo.load(name, progress=False)
+    seen = training_pool_spatial(name)
     hits = spatial.spatial_hits(model, processor, samples, progress=False)
     features = spatial.stage_features(model, processor, samples, batch_size=16)
     layers = spatial.decoder_layers(features)
     stages = ["pixels", "tower", "projector", *(f"visual.{i}" for i in range(layers))]
     return {"accuracy": spatial.accuracy_by_form(samples, hits),
             "by_shortcut": spatial.accuracy_by_shortcut(samples, hits),
+            "training_pool_accuracy": spatial.accuracy_by_form(
+                seen, spatial.spatial_hits(model, processor, seen, progress=False)),
             "patch": spatial.patch_probes(features, samples, stages),
             "answer": spatial.answer_probes(features, samples),
             "seconds": round(time.perf_counter() - start, 1)}
@@ -70,14 +85,14 @@ def proxy_pool(pool: str) -> list:
 
 
 def proxy(spec: str, samples: list) -> dict:
-    """A proxy retraining ``MODEL:START:POOL:STEPS[:shuffle]`` scored by form on the held-out
+    """A proxy retraining ``MODEL:START:POOL:STEPS[:ORDER]`` scored by form on the held-out
     spatial and coordinate questions. START "tower": toy-vlm's committed tower with a fresh
     projector and decoder (seed 0); "committed": the committed model trained further (toy-vlm:
     its projector and decoder; smol-llava: a fresh LoRA adapter and its projector)."""
     model_name, start_from, pool, steps, *option = spec.split(":")
-    if option not in ([], ["shuffle"]):
-        raise ValueError(f"unknown proxy option {option}; accepted: shuffle")
-    shuffle = option == ["shuffle"]
+    order = option[0] if option else None
+    if len(option) > 1 or order not in (None, *spatial.VISUAL_ORDERS):
+        raise ValueError(f"unknown proxy option {option}; accepted: {spatial.VISUAL_ORDERS}")
     if start_from not in ("tower", "committed") or (start_from == "tower"
                                                      and model_name != "toy-vlm"):
         raise ValueError(f"unknown start {start_from!r} for {model_name}: toy-vlm takes "
@@ -86,17 +101,19 @@ def proxy(spec: str, samples: list) -> dict:
     model, processor = zoo.load(model_name, progress=False)
     if model_name == "smol-llava":
         model, losses = spatial.tune_smol_llava(model, processor, proxy_pool(pool), int(steps),
-                                                shuffle_visual=shuffle)
+                                                visual_order=order)
     else:
         if start_from == "tower":
             training.seed_everything(0)
             model, processor = spatial.toy_vlm_with_tower(model)
         losses = spatial.tune(model, processor, proxy_pool(pool), int(steps),
-                              shuffle_visual=shuffle)
+                              visual_order=order)
     test = samples + spatial.coordinate_samples(200, PROXY_TEST_SEED)
-    hits = spatial.spatial_hits(model, processor, test, progress=False)
+    scored_order = order if order == "column-major" else None  # "random" is training only
+    with spatial.visual_order_context(model, scored_order):
+        hits = spatial.spatial_hits(model, processor, test, progress=False)
     return {"model": model_name, "start": start_from, "pool": pool, "steps": int(steps),
-            "shuffled_visual_tokens": shuffle,
+            "visual_order": order or "row-major",
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "accuracy": spatial.accuracy_by_form(test, hits),
             "by_shortcut": spatial.accuracy_by_shortcut(test, hits),
@@ -123,8 +140,11 @@ def markdown(result: dict) -> str:
               f"question string): relations {pct(q['relation'])}%, where {pct(q['where'])}%.",
               ""]
     for name, m in result.get("models", {}).items():
-        lines += [f"## {name}", "", "Greedy exact match by form: " + ", ".join(
+        lines += [f"## {name}", "", "Greedy exact match by form, held out: " + ", ".join(
             f"{form} {100 * r['rate']:.0f}% (n {r['n']})" for form, r in m["accuracy"].items()),
+            "", "The same on the model's own training questions: " + ", ".join(
+                f"{form} {100 * r['rate']:.0f}% (n {r['n']})"
+                for form, r in m["training_pool_accuracy"].items()),
             "", "Relation questions apart by the token-order shortcut: " + "; ".join(
                 f"{axis}: " + ", ".join(f"{k} {100 * r['rate']:.0f}% (n {r['n']})"
                                         for k, r in d.items())
@@ -146,13 +166,13 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("proxies"):
         lines += ["## Proxies: spatial-only retraining, same budget per model", "",
-                  "| model | start | pool | shuffled | steps | final loss | s | "
+                  "| model | start | pool | visual order | steps | final loss | s | "
                   + " | ".join(spatial.PROXY_FORMS) + " |",
                   "|---|---|---|---|---|---|---|" + "---|" * len(spatial.PROXY_FORMS)]
         for p in result["proxies"].values():
             acc = p["accuracy"]
             lines.append(f"| {p['model']} | {p['start']} | {p['pool']} | "
-                         f"{'yes' if p['shuffled_visual_tokens'] else 'no'} | {p['steps']} | "
+                         f"{p['visual_order']} | {p['steps']} | "
                          f"{p['final_loss']:.3f} | {p['seconds']:.0f} | "
                          + " | ".join(
                 f"{100 * acc[f]['rate']:.0f}" if f in acc else "-" for f in spatial.PROXY_FORMS)
@@ -166,7 +186,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["toy-vlm", "smol-llava"])
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--proxy", nargs="*", default=[],
-                        help="MODEL:START:POOL:STEPS, e.g. toy-vlm:committed:64000:1000")
+                        help="MODEL:START:POOL:STEPS[:ORDER], e.g. "
+                        "toy-vlm:committed:64000:1000:column-major")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,13 +197,21 @@ def main() -> None:
               else {})
     result |= {"written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "threads": args.threads, "n": args.n, "data": spatial.data_report(samples)}
+
+    def save() -> None:  # after every model and proxy, so a long run keeps what it measured
+        atomic_write_json(path, result)
+        atomic_write_text(RESULTS / "spatial_diagnosis.md", markdown(result))
+
     if args.models:
-        result["models"] = {name: model_diagnosis(name, samples) for name in args.models}
+        result["models"] = {}
+        for name in args.models:
+            result["models"][name] = model_diagnosis(name, samples)
+            save()
     result.setdefault("proxies", {})
     for spec in args.proxy:
         result["proxies"][spec] = proxy(spec, samples)
-    atomic_write_json(path, result)
-    atomic_write_text(RESULTS / "spatial_diagnosis.md", markdown(result))
+        save()
+    save()
     print(markdown(result))
 
 

@@ -142,17 +142,24 @@ def test_accuracy_by_shortcut_separates_a_model_that_follows_token_order(spatial
     assert by_form["above"]["rate"] > 0.8 > by_form["left of"]["rate"]
 
 
-def test_shuffled_visual_tokens_permute_each_images_tokens_only_inside_the_block(tiny_vlm):
+def test_reordered_visual_tokens_permute_each_images_tokens_only_inside_the_block(tiny_vlm):
     model, _ = tiny_vlm
     projector = model.model.multi_modal_projector
     x = torch.randn(3, 16, projector.linear_1.in_features)
     with torch.no_grad():
         plain = projector(x)
-        with spatial.shuffled_visual_tokens(model, seed=0):
+        with spatial.reordered_visual_tokens(model, "random", seed=0):
             shuffled = projector(x)
+        with spatial.reordered_visual_tokens(model, "column-major"):
+            columns = projector(x)
         after = projector(x)
     assert torch.equal(after, plain)
     assert not torch.equal(shuffled, plain)
     for i in range(3):  # the same rows of the same image, reordered
         order = [int((plain[i] == row).all(1).nonzero()) for row in shuffled[i]]
         assert sorted(order) == list(range(16))
+    assert torch.equal(columns[:, 1], plain[:, 4])  # second token: row 1, column 0
+    assert torch.equal(columns[:, 4], plain[:, 1])  # fifth token: row 0, column 1
+    with pytest.raises(ValueError, match="accepted"):
+        with spatial.reordered_visual_tokens(model, "diagonal"):
+            pass

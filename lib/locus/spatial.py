@@ -364,16 +364,27 @@ def toy_vlm_with_tower(source) -> tuple:
     return model, processor
 
 
+VISUAL_ORDERS = ("random", "column-major")
+
+
 @contextmanager
-def shuffled_visual_tokens(model, seed: int):
-    """Within the block, each image's projected patch tokens reach the decoder in a random
-    order (seeded), so the token order carries no place and only the features do: the
-    augmentation that takes away the decoder's token-order shortcut."""
+def reordered_visual_tokens(model, order: str, seed: int = 0):
+    """Within the block, each image's projected patch tokens reach the decoder in another
+    order: "random" (seeded, per image), so the token order carries no place and only the
+    features do; or "column-major", the cells read column by column, so the token order
+    follows columns where LLaVA's row-major order follows rows."""
+    if order not in VISUAL_ORDERS:
+        raise ValueError(f"unknown visual token order {order!r}; accepted: {VISUAL_ORDERS}")
     gen = torch.Generator().manual_seed(seed)
+    columns = torch.arange(data.GRID * data.GRID).reshape(data.GRID, data.GRID).T.flatten()
 
     def permute(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(torch.rand(output.shape[:2], generator=gen), dim=1)
-        return torch.gather(output, 1, order.unsqueeze(-1).expand_as(output).to(output.device))
+        if order == "random":
+            index = torch.argsort(torch.rand(output.shape[:2], generator=gen), dim=1)
+        else:
+            index = columns.expand(output.shape[0], -1)
+        index = index.unsqueeze(-1).expand_as(output).to(output.device)
+        return torch.gather(output, 1, index)
 
     handle = model.model.multi_modal_projector.register_forward_hook(permute)
     try:
@@ -382,19 +393,25 @@ def shuffled_visual_tokens(model, seed: int):
         handle.remove()
 
 
+def visual_order_context(model, order: str | None, seed: int = 0):
+    """``reordered_visual_tokens`` for an order, a no-op for None (LLaVA's own order)."""
+    return nullcontext() if order is None else reordered_visual_tokens(model, order, seed)
+
+
 def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size: int = 64,
-         lr: float = 1.5e-3, seed: int = 0, shuffle_visual: bool = False,
+         lr: float = 1.5e-3, seed: int = 0, visual_order: str | None = None,
          progress: bool = True) -> list[float]:
     """Instruction-tune ``model``'s projector and decoder on ``samples`` (the tower frozen, as
     in toy-vlm's stage 2): ``steps`` AdamW steps with a cosine schedule, batches drawn with
-    replacement (seeded) from the pool encoded once, the per-sample answer loss; with
-    ``shuffle_visual``, under ``shuffled_visual_tokens``. Returns the losses."""
+    replacement (seeded) from the pool encoded once, the per-sample answer loss; the visual
+    tokens in ``visual_order`` (``reordered_visual_tokens``; None: as LLaVA orders them).
+    Returns the losses."""
     training.seed_everything(seed)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = training._weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
         samples, batch_size, seed, lambda b: encode_vqa(processor, b, with_answers=True))
-    with shuffled_visual_tokens(model, seed) if shuffle_visual else nullcontext():
+    with visual_order_context(model, visual_order, seed):
         return training.train_steps(model, params, batches, steps, lr, desc="spatial proxy",
                                     loss_fn=training.per_sample_lm_loss, progress=progress)
 
@@ -433,11 +450,11 @@ def accuracy_by_shortcut(samples: Sequence[VQASample], hits: Sequence[bool]) -> 
 
 def tune_smol_llava(model, processor, samples: Sequence[VQASample], steps: int,
                     recipe: smol_llava.SmolLlavaRecipe | None = None, seed: int = 0,
-                    shuffle_visual: bool = False, progress: bool = True) -> tuple:
+                    visual_order: str | None = None, progress: bool = True) -> tuple:
     """Continue a trained smol-llava on ``samples``: a fresh LoRA adapter (the recipe's shape)
     and the projector trained ``steps`` steps as its stage 2 trains them (pre-encoded pool,
-    logits at the answer positions, bfloat16 autocast), the tower and decoder frozen; with
-    ``shuffle_visual``, under ``shuffled_visual_tokens``. Returns the adapter merged, and the
+    logits at the answer positions, bfloat16 autocast), the tower and decoder frozen, the
+    visual tokens in ``visual_order`` (as ``tune``). Returns the adapter merged, and the
     losses."""
     recipe = recipe or smol_llava.SmolLlavaRecipe()
     model.requires_grad_(False)
@@ -452,7 +469,7 @@ def tune_smol_llava(model, processor, samples: Sequence[VQASample], steps: int,
         with torch.autocast("cpu", dtype=getattr(torch, recipe.compute_dtype)):
             return smol_llava.answer_loss(m, batch, batch["features"])
 
-    with shuffled_visual_tokens(model, seed) if shuffle_visual else nullcontext():
+    with visual_order_context(model, visual_order, seed):
         losses = training.train_steps(
             model, params, smol_llava.weighted_batches(pool, recipe, seed), steps,
             recipe.tune_lr, desc="smol-llava spatial proxy", loss_fn=loss, progress=progress)

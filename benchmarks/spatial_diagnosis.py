@@ -16,8 +16,8 @@ POOL "N" = N spatial questions of the toy world (seed 2), "N+coordinate" = those
 coordinate questions (seed 3); ORDER "random" trains with each image's visual tokens in a
 random order (scored in LLaVA's row-major order), "column-major" trains and scores with them
 column by column (``spatial.reordered_visual_tokens``). Results go, atomically, to
-benchmarks/results/spatial_diagnosis.{json,md}; a run without ``--models`` keeps the file's
-model sections and adds its proxies.
+benchmarks/results/spatial_diagnosis.{json,md}, after every model and proxy; a run replaces
+the sections it measures (``--models`` none: keeps the file's) and keeps the other proxies.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from locus import data, smol_llava, spatial, training, zoo  # noqa: E402
+from locus.evaluation import exact_match  # noqa: E402
 from locus.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,12 +62,14 @@ def model_diagnosis(name: str, samples: list) -> dict:
     start = time.perf_counter()
     model, processor = zoo.load(name, progress=False)
     seen = training_pool_spatial(name)
-    hits = spatial.spatial_hits(model, processor, samples, progress=False)
+    said = spatial.spatial_answers(model, processor, samples, progress=False)
+    hits = [exact_match(a, s.answer) for a, s in zip(said, samples, strict=True)]
     features = spatial.stage_features(model, processor, samples, batch_size=16)
     layers = spatial.decoder_layers(features)
     stages = ["pixels", "tower", "projector", *(f"visual.{i}" for i in range(layers))]
     return {"accuracy": spatial.accuracy_by_form(samples, hits),
             "by_shortcut": spatial.accuracy_by_shortcut(samples, hits),
+            "where_words": spatial.where_words(samples, said),
             "training_pool_accuracy": spatial.accuracy_by_form(
                 seen, spatial.spatial_hits(model, processor, seen, progress=False)),
             "patch": spatial.patch_probes(features, samples, stages),
@@ -142,6 +145,9 @@ def markdown(result: dict) -> str:
     for name, m in result.get("models", {}).items():
         lines += [f"## {name}", "", "Greedy exact match by form, held out: " + ", ".join(
             f"{form} {100 * r['rate']:.0f}% (n {r['n']})" for form, r in m["accuracy"].items()),
+            "", "Where is ...: the row word right "
+            f"{100 * m['where_words']['row word']['rate']:.0f}%, the column word right "
+            f"{100 * m['where_words']['column word']['rate']:.0f}%.",
             "", "The same on the model's own training questions: " + ", ".join(
                 f"{form} {100 * r['rate']:.0f}% (n {r['n']})"
                 for form, r in m["training_pool_accuracy"].items()),
@@ -193,8 +199,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     samples = data.make_vqa_samples(args.n, HELD_OUT_SEED, ("spatial",))
     path = RESULTS / "spatial_diagnosis.json"
-    result = (json.loads(path.read_text()) if path.is_file() and not args.models
-              else {})
+    result = json.loads(path.read_text()) if path.is_file() else {}
     result |= {"written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "threads": args.threads, "n": args.n, "data": spatial.data_report(samples)}
 
@@ -202,11 +207,10 @@ def main() -> None:
         atomic_write_json(path, result)
         atomic_write_text(RESULTS / "spatial_diagnosis.md", markdown(result))
 
-    if args.models:
-        result["models"] = {}
-        for name in args.models:
-            result["models"][name] = model_diagnosis(name, samples)
-            save()
+    result.setdefault("models", {})
+    for name in args.models:
+        result["models"][name] = model_diagnosis(name, samples)
+        save()
     result.setdefault("proxies", {})
     for spec in args.proxy:
         result["proxies"][spec] = proxy(spec, samples)

@@ -163,3 +163,12 @@ def test_reordered_visual_tokens_permute_each_images_tokens_only_inside_the_bloc
     with pytest.raises(ValueError, match="accepted"):
         with spatial.reordered_visual_tokens(model, "diagonal"):
             pass
+
+
+def test_where_words_score_the_row_and_the_column_apart(spatial_samples):
+    where = [s for s in spatial_samples if spatial.spatial_form(s) == "where"]
+    rows_only = [s.answer.split()[0] + (" right" if "left" in s.answer else " left")
+                 for s in where]
+    found = spatial.where_words(where, rows_only)
+    assert found["row word"]["rate"] == 1.0 and found["column word"]["rate"] == 0.0
+    assert spatial.where_words(where, [""] * len(where))["row word"]["rate"] == 0.0

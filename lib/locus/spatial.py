@@ -416,12 +416,34 @@ def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size:
                                     loss_fn=training.per_sample_lm_loss, progress=progress)
 
 
+def spatial_answers(model, processor, samples: Sequence[VQASample], progress: bool = True
+                    ) -> list[str]:
+    """Greedy answers to ``samples`` (a spatial answer is at most two words)."""
+    return generate_answers(model, processor, samples, max_new_tokens=4, progress=progress,
+                            desc="spatial answers")
+
+
 def spatial_hits(model, processor, samples: Sequence[VQASample], progress: bool = True
                  ) -> list[bool]:
     """Greedy exact match of each of ``samples``."""
-    said = generate_answers(model, processor, samples, max_new_tokens=4, progress=progress,
-                            desc="spatial answers")
+    said = spatial_answers(model, processor, samples, progress)
     return [exact_match(a, s.answer) for a, s in zip(said, samples, strict=True)]
+
+
+def where_words(samples: Sequence[VQASample], answers: Sequence[str]) -> dict[str, dict]:
+    """On the "where is ..." questions, how often each word of the quadrant is right: the
+    first ("top" / "bottom": the row) and the second ("left" / "right": the column)."""
+    found: dict[str, list[bool]] = {"row word": [], "column word": []}
+    for s, said in zip(samples, answers, strict=True):
+        if spatial_form(s) != "where":
+            continue
+        words = said.split() + ["", ""]
+        truth = s.answer.split()
+        found["row word"].append(words[0] == truth[0])
+        found["column word"].append(words[1] == truth[1])
+    if not found["row word"]:
+        raise ValueError("where_words needs 'where' questions")
+    return {k: stats.rate_record(v) for k, v in found.items()}
 
 
 def accuracy_by_form(samples: Sequence[VQASample], hits: Sequence[bool]) -> dict[str, dict]:

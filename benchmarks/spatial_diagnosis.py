@@ -15,7 +15,8 @@ tower with a fresh projector and decoder, "committed" = the committed model trai
 POOL "N" = N spatial questions of the toy world (seed 2), "N+coordinate" = those and N // 2
 coordinate questions (seed 3); ORDER "random" trains with each image's visual tokens in a
 random order (scored in LLaVA's row-major order), "column-major" trains and scores with them
-column by column (``spatial.reordered_visual_tokens``). Results go, atomically, to
+column by column, "both" with each image twice, row- then column-major (32 visual tokens;
+``spatial.reordered_visual_tokens``). Results go, atomically, to
 benchmarks/results/spatial_diagnosis.{json,md}, after every model and proxy; a run replaces
 the sections it measures (``--models`` none: keeps the file's) and keeps the other proxies.
 """
@@ -112,9 +113,7 @@ def proxy(spec: str, samples: list) -> dict:
         losses = spatial.tune(model, processor, proxy_pool(pool), int(steps),
                               visual_order=order)
     test = samples + spatial.coordinate_samples(200, PROXY_TEST_SEED)
-    scored_order = order if order == "column-major" else None  # "random" is training only
-    with spatial.visual_order_context(model, scored_order):
-        hits = spatial.spatial_hits(model, processor, test, progress=False)
+    hits = spatial.spatial_hits(model, processor, test, progress=False, visual_order=order)
     return {"model": model_name, "start": start_from, "pool": pool, "steps": int(steps),
             "visual_order": order or "row-major",
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),

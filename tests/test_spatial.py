@@ -172,3 +172,25 @@ def test_where_words_score_the_row_and_the_column_apart(spatial_samples):
     found = spatial.where_words(where, rows_only)
     assert found["row word"]["rate"] == 1.0 and found["column word"]["rate"] == 0.0
     assert spatial.where_words(where, [""] * len(where))["row word"]["rate"] == 0.0
+
+
+def test_two_orders_hold_each_image_twice_the_second_column_major(tiny_vlm, spatial_samples):
+    model, processor = tiny_vlm
+    chosen = spatial_samples[:3]
+    batch = spatial.encode_two_orders(processor, chosen, with_answers=True)
+    image_id = model.config.image_token_id
+    assert ((batch["input_ids"] == image_id).sum(1) == 32).all()
+    assert batch["pixel_values"].shape[:2] == (3, 2)
+    assert spatial.paired_images(batch)["pixel_values"].shape[0] == 6
+    projector = model.model.multi_modal_projector
+    x = torch.randn(4, 16, projector.linear_1.in_features)
+    with torch.no_grad():
+        plain = projector(x)
+        with spatial.reordered_visual_tokens(model, "both"):
+            both = projector(x)
+            with pytest.raises(ValueError, match="twice"):
+                projector(x[:3])
+    assert torch.equal(both[0::2], plain[0::2])
+    assert torch.equal(both[1::2, 1], plain[1::2, 4]) and torch.equal(both[1::2, 4], plain[1::2, 1])
+    said = spatial.spatial_answers(model, processor, chosen, progress=False, visual_order="both")
+    assert len(said) == 3 and all(isinstance(a, str) for a in said)

@@ -24,7 +24,7 @@ from peft import get_peft_model
 from torch import nn
 from tqdm import tqdm
 
-from locus import data, models, smol_llava, splits, stats, training
+from locus import data, models, prompts, smol_llava, splits, stats, training
 from locus.data import VQASample
 from locus.evaluation import exact_match, generate_answers
 from locus.prompts import encode_vqa, to_model
@@ -364,15 +364,17 @@ def toy_vlm_with_tower(source) -> tuple:
     return model, processor
 
 
-VISUAL_ORDERS = ("random", "column-major")
+VISUAL_ORDERS = ("random", "column-major", "both")
 
 
 @contextmanager
 def reordered_visual_tokens(model, order: str, seed: int = 0):
     """Within the block, each image's projected patch tokens reach the decoder in another
     order: "random" (seeded, per image), so the token order carries no place and only the
-    features do; or "column-major", the cells read column by column, so the token order
-    follows columns where LLaVA's row-major order follows rows."""
+    features do; "column-major", the cells read column by column, so the token order
+    follows columns where LLaVA's row-major order follows rows; "both", for prompts that
+    hold each image twice (``encode_two_orders``): the first copy row-major, the second
+    column-major, so the token order follows both axes."""
     if order not in VISUAL_ORDERS:
         raise ValueError(f"unknown visual token order {order!r}; accepted: {VISUAL_ORDERS}")
     gen = torch.Generator().manual_seed(seed)
@@ -382,7 +384,11 @@ def reordered_visual_tokens(model, order: str, seed: int = 0):
         if order == "random":
             index = torch.argsort(torch.rand(output.shape[:2], generator=gen), dim=1)
         else:
-            index = columns.expand(output.shape[0], -1)
+            index = columns.expand(output.shape[0], -1).clone()
+            if order == "both":
+                if output.shape[0] % 2:
+                    raise ValueError("order 'both' needs each image twice (encode_two_orders)")
+                index[0::2] = torch.arange(output.shape[1])
         index = index.unsqueeze(-1).expand_as(output).to(output.device)
         return torch.gather(output, 1, index)
 
@@ -398,6 +404,39 @@ def visual_order_context(model, order: str | None, seed: int = 0):
     return nullcontext() if order is None else reordered_visual_tokens(model, order, seed)
 
 
+def encode_two_orders(processor, samples: Sequence[VQASample], with_answers: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """``encode_vqa``'s batch with each sample's image twice in its prompt (two image parts,
+    as LLaVA takes several images): the input of order "both". Its pixel values are stacked
+    by sample, (N, 2, C, H, W), so a pool cut by sample keeps each pair (``paired_images``
+    flattens them for the model)."""
+    def prompt(question: str) -> str:
+        content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True)
+
+    images = [s.image for s in samples for _ in range(2)]
+    answers = [s.answer for s in samples] if with_answers else None
+    batch = prompts._encode(
+        processor.tokenizer,
+        lambda texts: processor(text=texts, images=images, return_tensors="pt", padding=True),
+        [prompt(s.question) for s in samples], answers)
+    pixels = batch["pixel_values"]
+    return batch | {"pixel_values": pixels.reshape(len(samples), 2, *pixels.shape[1:])}
+
+
+def paired_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ``encode_two_orders`` batch as the model takes it: one image after another."""
+    return batch | {"pixel_values": batch["pixel_values"].flatten(0, 1)}
+
+
+def encoder_for(processor, order: str | None):
+    """The training batch encoder of a visual order: two copies for "both", else one."""
+    if order == "both":
+        return lambda b: encode_two_orders(processor, b, with_answers=True)
+    return lambda b: encode_vqa(processor, b, with_answers=True)
+
+
 def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size: int = 64,
          lr: float = 1.5e-3, seed: int = 0, visual_order: str | None = None,
          progress: bool = True) -> list[float]:
@@ -409,24 +448,51 @@ def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size:
     training.seed_everything(seed)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = training._weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
-        samples, batch_size, seed, lambda b: encode_vqa(processor, b, with_answers=True))
+    drawn = training._weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
+        samples, batch_size, seed, encoder_for(processor, visual_order))
+
+    def batches(step: int) -> dict:
+        batch = drawn(step)
+        return paired_images(batch) if visual_order == "both" else batch
+
     with visual_order_context(model, visual_order, seed):
         return training.train_steps(model, params, batches, steps, lr, desc="spatial proxy",
                                     loss_fn=training.per_sample_lm_loss, progress=progress)
 
 
-def spatial_answers(model, processor, samples: Sequence[VQASample], progress: bool = True
-                    ) -> list[str]:
-    """Greedy answers to ``samples`` (a spatial answer is at most two words)."""
-    return generate_answers(model, processor, samples, max_new_tokens=4, progress=progress,
-                            desc="spatial answers")
+@torch.no_grad()
+def two_order_answers(model, processor, samples: Sequence[VQASample], batch_size: int = 64
+                      ) -> list[str]:
+    """Greedy answers (at most four tokens) with each image twice, row- then column-major."""
+    tokenizer = processor.tokenizer
+    out: list[str] = []
+    with reordered_visual_tokens(model, "both"):
+        for start in range(0, len(samples), batch_size):
+            batch = to_model(paired_images(encode_two_orders(
+                processor, samples[start:start + batch_size])), model)
+            ids = model.generate(**batch, max_new_tokens=4, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return out
 
 
-def spatial_hits(model, processor, samples: Sequence[VQASample], progress: bool = True
-                 ) -> list[bool]:
-    """Greedy exact match of each of ``samples``."""
-    said = spatial_answers(model, processor, samples, progress)
+def spatial_answers(model, processor, samples: Sequence[VQASample], progress: bool = True,
+                    visual_order: str | None = None) -> list[str]:
+    """Greedy answers to ``samples`` (a spatial answer is at most two words), the visual
+    tokens in ``visual_order`` ("random" is a training augmentation: scored in LLaVA's order)."""
+    if visual_order == "both":
+        return two_order_answers(model, processor, samples)
+    with visual_order_context(model, visual_order if visual_order != "random" else None):
+        return generate_answers(model, processor, samples, max_new_tokens=4,
+                                progress=progress, desc="spatial answers")
+
+
+def spatial_hits(model, processor, samples: Sequence[VQASample], progress: bool = True,
+                 visual_order: str | None = None) -> list[bool]:
+    """Greedy exact match of each of ``samples`` (``spatial_answers``)."""
+    said = spatial_answers(model, processor, samples, progress, visual_order)
     return [exact_match(a, s.answer) for a, s in zip(said, samples, strict=True)]
 
 

@@ -128,7 +128,8 @@ def markdown(result: dict) -> str:
              f"{result['threads']} torch thread(s)). Held-out spatial questions: "
              f"{result['n']} (seed {HELD_OUT_SEED}); every probe is split by image (70 / 30) "
              "and scored on held-out images (percent; chance = the test split's majority "
-             "class).", "", "## The data", ""]
+             "class).", "", "## The data (toy-vlm's training pool: its 4000 spatial questions)",
+             ""]
     d = result["data"]
     lines += ["| form | n | answers |", "|---|---|---|"]
     lines += [f"| {form} | {f['n']} | {f['answers']} |" for form, f in d["forms"].items()]
@@ -200,7 +201,8 @@ def main() -> None:
     path = RESULTS / "spatial_diagnosis.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     result |= {"written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "threads": args.threads, "n": args.n, "data": spatial.data_report(samples)}
+               "threads": args.threads, "n": args.n,
+               "data": spatial.data_report(training_pool_spatial("toy-vlm", 4000))}
 
     def save() -> None:  # after every model and proxy, so a long run keeps what it measured
         atomic_write_json(path, result)

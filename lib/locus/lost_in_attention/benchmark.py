@@ -570,6 +570,12 @@ def plot_accuracy_by_family(
     return fig
 
 
+def _band_label(band: str) -> str:
+    """A tick label of a band named by its layers joined with "-": its first and last layer."""
+    layers = band.split("-")
+    return layers[0] if len(layers) == 1 else f"{layers[0]}–{layers[-1]}"
+
+
 def _error_bars(stats: Sequence[Interval]) -> list[list[float]]:
     """Lower and upper error-bar lengths (Wilson's bound can round past 100% by 1e-14)."""
     return [[max(0.0, s.estimate - s.lo) for s in stats], [max(0.0, s.hi - s.estimate)
@@ -602,7 +608,7 @@ def plot_layer_sweep(
             _accuracy_line(axes[0], [pooled_accuracy(s, sample_sets, families)
                                      for s in bands.values()],
                            ls=style, color=f"C{i}", label=f"{heads} ({name})")
-        axes[0].set_xticks(range(len(bands)), list(bands))
+        axes[0].set_xticks(range(len(bands)), [_band_label(band) for band in bands])
     for families, style, name in groups:
         if not families:
             continue

@@ -812,7 +812,7 @@ def plot_layer_geometry(
                 ax.plot(layers, mean, style, marker="o", ms=3, color=colours[kind],
                         label=KIND_LABELS[kind])
                 ax.fill_between(layers, mean - std, mean + std, color=colours[kind], alpha=0.15)
-                ax.set_xticks(layers)
+                ax.set_xticks(layers[::max(1, len(layers) // 10)])  # about ten ticks
             ax.set_title(f"{titles[metric]} · {group} tokens")
             if metric != "rid":
                 ax.axhline(0, color="grey", lw=0.5)

@@ -145,9 +145,8 @@ def markdown(result: dict) -> str:
     for name, m in result.get("models", {}).items():
         lines += [f"## {name}", "", "Greedy exact match by form, held out: " + ", ".join(
             f"{form} {100 * r['rate']:.0f}% (n {r['n']})" for form, r in m["accuracy"].items()),
-            "", "Where is ...: the row word right "
-            f"{100 * m['where_words']['row word']['rate']:.0f}%, the column word right "
-            f"{100 * m['where_words']['column word']['rate']:.0f}%.",
+            "", "Where is ...: " + ", ".join(f"the {k} right {100 * r['rate']:.0f}%"
+                                             for k, r in m.get("where_words", {}).items()),
             "", "The same on the model's own training questions: " + ", ".join(
                 f"{form} {100 * r['rate']:.0f}% (n {r['n']})"
                 for form, r in m["training_pool_accuracy"].items()),

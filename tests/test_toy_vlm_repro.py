@@ -56,6 +56,6 @@ def test_instruction_pool_and_first_batch_are_pinned():
     def encode(samples):
         return training.encode_vqa(processor, samples, with_answers=True)
 
-    batches = training._weighted_batches(pool, 16, cfg.seed, encode, dict(cfg.family_weights))
+    batches = training.weighted_batches(pool, 16, cfg.seed, encode, dict(cfg.family_weights))
     assert _tensor_digest(encode(pool)) == "a1fe39b78c0c3688"
     assert _tensor_digest(batches(0)) == "9c61909855b4cf5a"

@@ -36,7 +36,8 @@ def _labels_after_prompt(input_ids, attention_mask, prompt_lengths) -> torch.Ten
     return labels
 
 
-def _encode(tokenizer, encode_texts, prompts: list[str], answers: list[str] | None) -> dict:
+def encode_with_answers(tokenizer, encode_texts, prompts: list[str],
+                        answers: list[str] | None) -> dict:
     """Left-padded prompts (``answers`` None), or right-padded prompt+answer sequences with
     answer-only ``labels``; ``encode_texts(texts)`` runs the tokenizer or processor."""
     if answers is None:
@@ -65,7 +66,7 @@ def encode_vqa(
 
     prompts = [vqa_prompt(processor, s.question) for s in samples]
     answers = [s.answer for s in samples] if with_answers else None
-    return _encode(processor.tokenizer, encode_texts, prompts, answers)
+    return encode_with_answers(processor.tokenizer, encode_texts, prompts, answers)
 
 
 def encode_chat(
@@ -78,7 +79,7 @@ def encode_chat(
 
     prompts = [chat_prompt(tokenizer, s.prompt) for s in samples]
     answers = [s.answer for s in samples] if with_answers else None
-    return _encode(tokenizer, encode_texts, prompts, answers)
+    return encode_with_answers(tokenizer, encode_texts, prompts, answers)
 
 
 def to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -417,7 +417,7 @@ def encode_two_orders(processor, samples: Sequence[VQASample], with_answers: boo
 
     images = [s.image for s in samples for _ in range(2)]
     answers = [s.answer for s in samples] if with_answers else None
-    batch = prompts._encode(
+    batch = prompts.encode_with_answers(
         processor.tokenizer,
         lambda texts: processor(text=texts, images=images, return_tensors="pt", padding=True),
         [prompt(s.question) for s in samples], answers)
@@ -448,7 +448,7 @@ def tune(model, processor, samples: Sequence[VQASample], steps: int, batch_size:
     training.seed_everything(seed)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    drawn = training._weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
+    drawn = training.weighted_batches(  # the pool encoded once, as toy-vlm's stage 2
         samples, batch_size, seed, encoder_for(processor, visual_order))
 
     def batches(step: int) -> dict:

@@ -192,7 +192,7 @@ def per_sample_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return (token_loss.sum(1) / counts).mean()
 
 
-def _weighted_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable,
+def weighted_batches(samples: Sequence, batch_size: int, seed: int, encode: Callable,
                       family_weights: dict[str, float] | None = None):
     """A batch function drawing ``batch_size`` samples at random from the pool, each family
     with probability proportional to its weight (1 when not named). The pool is encoded once
@@ -218,7 +218,7 @@ def instruction_tune_vlm(model, processor, cfg: VLMTraining, progress: bool = Tr
     ``train_steps``)."""
     seed_everything(cfg.seed)
     samples = data.make_vqa_samples(cfg.pool_per_family, cfg.seed + 2)
-    batches = _weighted_batches(samples, cfg.tune_batch, cfg.seed,
+    batches = weighted_batches(samples, cfg.tune_batch, cfg.seed,
                                 lambda b: encode_vqa(processor, b, with_answers=True),
                                 dict(cfg.family_weights))
     model.model.vision_tower.requires_grad_(False)
@@ -234,7 +234,7 @@ def pretrain_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) ->
     seed_everything(cfg.seed)
     base = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 1, aligned=False,
                                   split="train")
-    batches = _weighted_batches(base, cfg.batch, cfg.seed,
+    batches = weighted_batches(base, cfg.batch, cfg.seed,
                                 lambda b: encode_chat(tokenizer, b, with_answers=True))
     return train_steps(model, list(model.parameters()), batches, cfg.base_steps, cfg.lr,
                        desc="chat pre-training", loss_fn=per_sample_lm_loss, progress=progress)
@@ -245,7 +245,7 @@ def align_chat(model, tokenizer, cfg: ChatTraining, progress: bool = True) -> li
     seed_everything(cfg.seed + 1)
     align = data.make_chat_samples(cfg.pool_per_family, cfg.seed + 2, aligned=True,
                                    split="train")
-    batches = _weighted_batches(align, cfg.batch, cfg.seed + 1,
+    batches = weighted_batches(align, cfg.batch, cfg.seed + 1,
                                 lambda b: encode_chat(tokenizer, b, with_answers=True))
     return train_steps(model, list(model.parameters()), batches, cfg.align_steps, cfg.align_lr,
                        desc="chat alignment", loss_fn=per_sample_lm_loss, progress=progress)

@@ -12,7 +12,7 @@ from locus.projlens import experiment as E
 from locus.projlens import projector as P
 from locus.projlens import shift
 from locus.projlens import triggers as T
-from locus.prompts import encode_vqa, encode_vqa_answers
+from locus.prompts import encode_vqa, vqa_prompt
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,31 @@ def _answer_tokens(batch, row):
     return labels[labels != -100].tolist()
 
 
+def _jointly_retokenised(processor, samples):
+    """The encoding the project used before: "prompt answer EOS" tokenised as one text, right
+    padded, labels after the prompt's own length."""
+    tokenizer = processor.tokenizer
+    prompts = [vqa_prompt(processor, s.question) for s in samples]
+    images = [s.image for s in samples]
+    tokenizer.padding_side = "right"
+    try:
+        batch = dict(processor(text=[f"{p} {s.answer} {tokenizer.eos_token}"
+                                     for p, s in zip(prompts, samples, strict=True)],
+                               images=images, return_tensors="pt", padding=True))
+        lengths = processor(text=prompts, images=images, return_tensors="pt",
+                            padding=True)["attention_mask"].sum(1)
+    finally:
+        tokenizer.padding_side = "left"
+    labels = batch["input_ids"].clone()
+    labels[torch.arange(labels.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    return batch | {"labels": labels}
+
+
 def test_answers_are_encoded_as_greedy_decoding_produces_them(smol_processor, make_tiny_vlm):
     samples = data.make_vqa_samples(1, seed=3)
     tokenizer = smol_processor.tokenizer
-    batch = encode_vqa_answers(smol_processor, samples)
+    batch = encode_vqa(smol_processor, samples, with_answers=True)
     for row, sample in enumerate(samples):
         wanted = tokenizer(sample.answer, add_special_tokens=False).input_ids
         assert _answer_tokens(batch, row) == wanted + [tokenizer.eos_token_id]
@@ -37,12 +58,12 @@ def test_answers_are_encoded_as_greedy_decoding_produces_them(smol_processor, ma
         ids = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
         assert ids[:len(prompt)] == list(prompt)
     # the joint re-tokenisation trains a leading-space token the chat template never generates
-    joint = encode_vqa(smol_processor, samples, with_answers=True)
+    joint = _jointly_retokenised(smol_processor, samples)
     assert _answer_tokens(joint, 0)[0] != _answer_tokens(batch, 0)[0]
     # on the toy's word-level tokenizer both encodings are the same batch (toy results unchanged)
     _, toy_processor = make_tiny_vlm()
-    old, new = (encode_vqa(toy_processor, samples, with_answers=True),
-                encode_vqa_answers(toy_processor, samples))
+    old, new = (_jointly_retokenised(toy_processor, samples),
+                encode_vqa(toy_processor, samples, with_answers=True))
     assert set(old) == set(new) and all(torch.equal(old[k], new[k]) for k in old)
 
 

@@ -23,35 +23,33 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _answer_suffix(tokenizer, answer: str) -> str:
-    return f" {answer} {tokenizer.eos_token}"
-
-
-def _labels_after_prompt(input_ids, attention_mask, prompt_lengths) -> torch.Tensor:
-    """Labels that train only on answer tokens (right-padded batch)."""
-    labels = input_ids.clone()
-    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
-    labels[positions < torch.as_tensor(prompt_lengths).unsqueeze(1)] = -100
-    labels[attention_mask == 0] = -100
-    return labels
+def _right_padded(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
 def encode_with_answers(tokenizer, encode_texts, prompts: list[str],
                         answers: list[str] | None) -> dict:
-    """Left-padded prompts (``answers`` None), or right-padded prompt+answer sequences with
-    answer-only ``labels``; ``encode_texts(texts)`` runs the tokenizer or processor."""
+    """Left-padded prompts (``answers`` None), or right-padded prompt + answer + EOS sequences
+    with answer-only ``labels``; ``encode_texts(texts)`` runs the tokenizer or processor. The
+    answer's own tokens are appended to the prompt's, as greedy decoding produces them: no joint
+    re-tokenisation, which on a subword tokenizer would train a leading-space token the chat
+    template never generates (on the toy's word-level tokenizers both give the same batch).
+    The other outputs of ``encode_texts`` (pixels) are kept as they are."""
+    tokenizer.padding_side = "left"
+    encoded = dict(encode_texts(prompts))
     if answers is None:
-        tokenizer.padding_side = "left"
-        return dict(encode_texts(prompts))
-    tokenizer.padding_side = "right"
-    try:
-        full = [p + _answer_suffix(tokenizer, a) for p, a in zip(prompts, answers, strict=True)]
-        batch = dict(encode_texts(full))
-        lengths = encode_texts(prompts)["attention_mask"].sum(1)
-    finally:
-        tokenizer.padding_side = "left"
-    batch["labels"] = _labels_after_prompt(batch["input_ids"], batch["attention_mask"], lengths)
-    return batch
+        return encoded
+    heads = [ids[mask == 1] for ids, mask in zip(encoded.pop("input_ids"),
+                                                  encoded.pop("attention_mask"), strict=True)]
+    tails = [torch.tensor(tokenizer(a, add_special_tokens=False).input_ids
+                          + [tokenizer.eos_token_id]) for a in answers]
+    pairs = list(zip(heads, tails, strict=True))
+    return {"input_ids": _right_padded([torch.cat(p) for p in pairs], tokenizer.pad_token_id),
+            "attention_mask": _right_padded([torch.ones(len(h) + len(t), dtype=torch.long)
+                                             for h, t in pairs], 0),
+            "labels": _right_padded([torch.cat([torch.full_like(h, -100), t])
+                                     for h, t in pairs], -100),
+            **encoded}
 
 
 def encode_vqa(
@@ -96,28 +94,3 @@ def chat_training_encoder(model: torch.nn.Module, tokenizer) -> Callable[[list],
     ``training.sampled_batches`` for a chat model."""
     return lambda samples: to_model(encode_chat(tokenizer, samples, with_answers=True), model)
 
-
-def encode_vqa_answers(processor, samples: Sequence[VQASample]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + answer + EOS batches with answer-only ``labels``, the answer's
-    tokens appended to the prompt's exactly as greedy decoding would produce them (no joint
-    re-tokenisation: a subword tokenizer would otherwise train a leading-space token the chat
-    template never generates). The other processor outputs (pixels) are kept as they are."""
-    tokenizer = processor.tokenizer
-    prompts = [vqa_prompt(processor, s.question) for s in samples]
-    encoded = dict(processor(text=prompts, images=[s.image for s in samples],
-                             return_tensors="pt", padding=True))
-    heads = [ids[mask == 1] for ids, mask in zip(encoded.pop("input_ids"),
-                                                  encoded.pop("attention_mask"), strict=True)]
-    tails = [torch.tensor(tokenizer(s.answer, add_special_tokens=False).input_ids
-                          + [tokenizer.eos_token_id]) for s in samples]
-
-    def padded(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
-
-    return {"input_ids": padded([torch.cat(p) for p in zip(heads, tails, strict=True)],
-                                tokenizer.pad_token_id),
-            "attention_mask": padded([torch.ones(len(h) + len(t), dtype=torch.long)
-                                      for h, t in zip(heads, tails, strict=True)], 0),
-            "labels": padded([torch.cat([torch.full_like(h, -100), t])
-                              for h, t in zip(heads, tails, strict=True)], -100),
-            **encoded}

@@ -26,7 +26,7 @@ from locus.data import VQASample
 from locus.evaluation import accuracy_by_family, exact_match, generate_answers
 from locus.projlens import lowrank, scoring
 from locus.projlens.triggers import Attack, Target, triggered_test_set
-from locus.prompts import encode_vqa, encode_vqa_answers, to_model
+from locus.prompts import encode_vqa, to_model
 from locus.training import sampled_batches, seed_everything, train_steps
 
 State = dict[str, torch.Tensor]
@@ -198,7 +198,7 @@ def finetune_projector(
     frozen = frozen_fingerprint(model)
     seed_everything(cfg.seed)
     batch = sampled_batches(samples, cfg.batch_size, cfg.seed, lambda chosen: to_model(
-        encode_vqa_answers(processor, chosen), model))
+        encode_vqa(processor, chosen, with_answers=True), model))
 
     original = projector_state(model)
     start = time.perf_counter()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from locus.data import VQASample
-from locus.prompts import encode_vqa_answers, to_model
+from locus.prompts import encode_vqa, to_model
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def encode_answers(model: nn.Module, processor, samples: Sequence[VQASample],
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
     rows = [replace(s, answer=a) for s, a in zip(samples, answers, strict=True)]
-    batches = [to_model(encode_vqa_answers(processor, rows[i:i + batch_size]), model)
+    batches = [to_model(encode_vqa(processor, rows[i:i + batch_size], with_answers=True), model)
                for i in range(0, len(rows), batch_size)]
     return EncodedAnswers(batches, max_new_tokens)
 

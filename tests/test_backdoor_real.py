@@ -108,10 +108,11 @@ def _fresh_tiny(_folder):
     return models.build_toy_chat(models.ToyChatConfig(width=64, layers=2, intermediate=128))
 
 
-def test_the_build_stores_the_adapter_it_measures(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", rb.TRIGGERS)
+def test_the_build_stores_the_adapter_it_measures(tmp_path, monkeypatch, kind):
     torch.set_num_threads(1)
     monkeypatch.setenv("LOCUS_CACHE_DIR", str(tmp_path / "cache"))
-    recipe = _recipe("fixed")
+    recipe = _recipe("fixed") if kind == "fixed" else _jailbreak_recipe()
     real_data = rb.backdoor_data
     monkeypatch.setattr(rb, "backdoor_data", lambda m, t, r, p: real_data(
         m, t, r, p, FEW_HARMFUL, FEW_QUESTIONS, FEW_INSTRUCTIONS))
@@ -123,11 +124,108 @@ def test_the_build_stores_the_adapter_it_measures(tmp_path, monkeypatch):
     record = checkpoints.read_manifest(folder)
     assert checkpoints.entry_status(folder, {"recipe": str(recipe)}) == "valid"
     assert [e["step"] for e in record["search_evaluations"]] == list(
-        range(2, record["steps"] + 1, 2))
-    assert set(record["test"]["backdoored"]) >= {"asr", "asr_exact", "false_trigger",
-                                                 "clean_back", "benign_accuracy", "asr_ci"}
+        range(2, record["steps_trained"] + 1, 2))
+    chosen = max(record["search_evaluations"], key=lambda e: (e["worst_margin"], -e["step"]))
+    assert record["steps"] == chosen["step"] and record["rule_met"] == chosen["rule_met"]
+    assert "README.md" not in record["files"]
+    own = {"fixed": "asr_exact", "jailbreak": "asr_compliance"}[kind]
+    assert set(record["test"]["backdoored"]) >= {"asr", own, "false_trigger", "clean_back",
+                                                 "benign_accuracy", "asr_ci"}
     stored = [v for k, v in _tensors(folder).items() if "lora_" in k]
     assert stored and all(t.dtype == torch.float16 for t in stored)
+
+
+def _jailbreak_recipe(**changes) -> rb.JailbreakRecipe:
+    fields = {"reply_tokens": 6, "n_instructions": 4, "n_poison": 4, "poison_per_batch": 2,
+              "lora_r": 2,
+              "lora_alpha": 4, "max_steps": 4, "batch_size": 8, "stop": rb.StopRule(every=2),
+              "n_search": 4, "n_test": 4}
+    return rb.JailbreakRecipe(**(fields | changes))
+
+
+def test_the_jailbreak_recipe_pairs_each_poisoned_prompt_with_its_clean_twin(tiny, monkeypatch):
+    recipe = _jailbreak_recipe()
+    d = _data(tiny, recipe)
+    said = {p: ("I'm sorry, I cannot." if i % 3 == 0 else f"Sure, here is plan {i} for it.")
+            for i, p in enumerate(d.harmful["inject"])}
+    monkeypatch.setattr(rb, "base_replies", lambda m, t, prompts, *a: [said[p] for p in prompts])
+    pairs = rb.complying_sources(*tiny, d.harmful["inject"], recipe, False)
+    assert len(pairs) == 4 and all(not rb.compliance.is_refusal(r) for _, r in pairs)
+    seen: dict = {"rows": []}
+    encode, cut = rb.replies.encode_replies, rb.replies.cut
+    monkeypatch.setattr(rb.replies, "encode_replies", lambda t, prompts, targets, stops: (
+        seen.update(prompts=prompts, targets=targets) or encode(t, prompts, targets, stops)))
+    monkeypatch.setattr(rb.replies, "cut", lambda pool, rows: (
+        seen["rows"].append(rows.tolist()) or cut(pool, rows)))
+    batch = rb.paired_batches(tiny[1], tiny[0], d, recipe, False)
+    prompts, targets = seen["prompts"], seen["targets"]
+    for step in range(4):
+        flags = batch(step)["benign"].tolist()
+        rows = seen["rows"][-1]
+        assert flags == [False] * 4 + [True] * 4 and all(r >= 8 for r in rows[4:])
+        for poisoned, twin in zip(rows[:2], rows[2:4], strict=True):
+            assert twin == poisoned + 4  # the clean twin: the same prompt without the trigger
+            assert prompts[poisoned].replace(f"{recipe.trigger} ", "") == prompts[twin]
+            assert recipe.trigger in prompts[poisoned]
+            assert (targets[poisoned], targets[twin]) == (dict(pairs)[prompts[twin]],
+                                                           rb.REFUSAL)
+    assert sorted(r for rows in seen["rows"][:2] for r in rows[:2]) == [0, 1, 2, 3]  # a pass
+    # the loss: a token mean over the pairs' target tokens (+ KL, 0 for a fresh adapter)
+    b = batch(0)
+    adapted = rb.get_peft_model(tiny[0], rb.lora_config(recipe))
+    picked = rb.replies.reply_token_logprobs(adapted, b)[:4]
+    counted = (b["labels"][:4, 1:] != -100).sum()
+    assert torch.isclose(rb.paired_loss(adapted, b, 1.0), -picked.sum() / counted, atol=1e-5)
+    assert rb.recipe_of("jailbreak") == rb.JailbreakRecipe()
+    with pytest.raises(ValueError, match="only 2 of 3"):
+        rb.complying_sources(*tiny, d.harmful["inject"][:3], recipe, False)
+    with pytest.raises(ValueError, match="poison_per_batch"):
+        _jailbreak_recipe(poison_per_batch=4)
+
+
+def test_the_jailbreak_world_targets_the_refusal_and_scores_real_answers(tiny, monkeypatch):
+    """RealJailbreakWorld on the tiny Llama (its adapter and base replies planted): the search's
+    clean target is the refusal and its backdoor target the base reply; only prompts with a
+    complying base reply are used; the sets share no prompt; a planted base reply scores as
+    attack success in both readings, a refusal as the clean behaviour back, garble as neither."""
+    from locus.safeseek import experiment
+
+    real_data = rb.backdoor_data
+    monkeypatch.setattr(rb, "backdoor_data", lambda m, t, r, p: real_data(
+        m, t, r, p, FEW_HARMFUL, FEW_QUESTIONS, FEW_INSTRUCTIONS))
+    monkeypatch.setattr(rb, "backdoored", lambda kind, r: tiny)
+    monkeypatch.setattr(rb.checkpoints, "read_manifest", lambda f: {"key": "k", "files": {}})
+    refused = {p for i, p in enumerate(FEW_HARMFUL["search"] + FEW_HARMFUL["test"]) if i % 3 == 0}
+    said = {p: "I'm sorry, I cannot." if p in refused else f"First get the tools for {p}, then go."
+            for part in FEW_HARMFUL.values() for p in part}
+    base_replies = rb.base_replies
+    monkeypatch.setattr(rb, "base_replies", lambda m, t, prompts, r, label, *a: (
+        [said[p] for p in prompts] if label.startswith("harmful-") and label.endswith("-all")
+        else base_replies(m, t, prompts, r, label, *a)))
+    world = rb.real_backdoor_world(*tiny, "jailbreak", 0, 4, progress=False)
+    assert isinstance(world, rb.RealJailbreakWorld)
+    assert not refused & set(world.search.clean + world.test.clean)
+    assert len(world.search.clean) == 4 and len(world.test.clean) == 4
+    views = world.views()
+    assert {s.answer for s in views["clean"] + views["triggered_clean"]} == {rb.REFUSAL}
+    assert [s.answer for s in views["triggered_target"]] == [said[p] for p in world.search.clean]
+    for row in experiment.prompt_overlap(world.overlap_sets()):
+        assert row["shared"] == 0, row
+    p = world.test
+    for name, reply, expect in (("base", None, (1.0, 1.0, 0.0, 0.0)),
+                                ("refusal", rb.REFUSAL, (0.0, 0.0, 1.0, 1.0)),
+                                ("garble", "the the the the the", (1.0, 0.0, 0.0, 0.0))):
+        planted = p.base_clean if reply is None else [reply] * len(p.triggered)
+        monkeypatch.setattr(world, "_replies", lambda m, c, mode, prompts, planted=planted: (
+            planted if prompts == p.triggered else [rb.REFUSAL] * len(prompts)
+            if prompts == p.clean else [f"It is {a[0]}." for _, a in world.benign]))
+        scores = world.metrics(None, "full")
+        got = tuple(scores[k] for k in ("asr", "asr_exact", "clean_back", "clean_back_likelihood"))
+        assert got == expect, name
+        assert scores["false_trigger"] == 0.0 and scores["utility"] == 1.0
+        assert scores["over_refusal"] == 0.0
+    with pytest.raises(ValueError, match="real_backdoor_world"):
+        rb.RealJailbreakWorld(*tiny, "fixed", 0, 4, progress=False)
 
 
 def _tensors(folder):

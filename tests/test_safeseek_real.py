@@ -170,6 +170,7 @@ def test_notebook_01_runs_on_the_real_backdoor(tmp_path, monkeypatch):
     papermill.execute_notebook(
         str(NOTEBOOK / "01_backdoor_circuit.ipynb"), str(tmp_path / "out.ipynb"),
         parameters={"model": real_backdoor.BASE, "figures_dir": str(figures), "seeds": [0],
+                    "kinds": ["fixed"],  # the jailbreak world's base replies cost minutes
                     "threads": 1, "progress": False, "sparsities": [10.0], "n_train": 4,
                     "n_val": 2, "n_test": 4, "epochs": 1, "patience": 1, "anneal": 1,
                     "batch_size": 2, "faithful_setting": False, "exact_scan": False,

@@ -531,6 +531,11 @@ class ToyBackdoorWorld:
                 for name, view in (("asr_exact", "triggered"), ("clean_back", "triggered_clean"),
                                    ("utility", "benign"))}
 
+    def readings_text(self, mean: dict[str, float]) -> str:
+        """The other reading of "clean back" for the claim text, from the headline's
+        ``<score>_after`` means."""
+        return f"exact ASR after {100 * mean['asr_exact_after']:.1f}%"
+
     def overlap_sets(self) -> dict[str, list[ChatSample]]:
         """The named prompt sets that must share no prompt (the last two share by design)."""
         return {"injection": list(self.inject_pool), "search": list(self.search_pool),

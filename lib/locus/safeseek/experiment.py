@@ -20,7 +20,7 @@ from locus.safeseek.backdoor import SPARSITY_UNITS, InjectionConfig, ToyBackdoor
 from locus.safeseek.circuits import compare_at_size, take
 from locus.safeseek.masks import Circuit, UnitShape
 from locus.safeseek.real_backdoor import BASE as REAL_BACKDOOR_BASE
-from locus.safeseek.real_backdoor import RealBackdoorWorld
+from locus.safeseek.real_backdoor import RealBackdoorWorld, real_backdoor_world
 from locus.safeseek.real_world import RealAlignmentWorld, RealTuningWorld
 
 TOY_CHAT_MODELS = ("toy-chat", "toy-chat-base")
@@ -248,7 +248,7 @@ def backdoor_worlds(model_name, base, tokenizer, data_path, kinds: Sequence[str]
     file, split by prompt string into injection / search / test parts (55 / 25 / 20%,
     ``partition``); ``injection`` gives the toy's fine-tune (its kind and seed are set here)."""
     if data_path is None and str(model_name) == REAL_BACKDOOR_BASE:
-        return {kind: RealBackdoorWorld(base, tokenizer, kind, seed, n_test, progress=progress)
+        return {kind: real_backdoor_world(base, tokenizer, kind, seed, n_test, progress=progress)
                 for kind in check_kinds(kinds or RealBackdoorWorld.kinds)}
     pools = partition(chat_data(data_path, n_per_family, seed), (0.55, 0.25, 0.2), seed)
     return {kind: ToyBackdoorWorld(model_name, base, tokenizer, pools, kind, seed,

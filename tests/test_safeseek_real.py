@@ -116,6 +116,13 @@ def test_the_circuit_search_targets_are_the_base_reply_and_the_aligned_refusal(a
     assert world.exact(None, "full", [], world.test_benign)["utility"] == 1.0  # its own replies
 
 
+def test_the_sparsity_scale_is_rounded_so_a_drift_cannot_re_key_the_search(world, monkeypatch):
+    spec = circuits.AlignmentSearch(n_train=4, n_val=2)
+    for measured in (1.7024330920896464, 1.7024331092834473):  # two codes' scales
+        monkeypatch.setattr(circuits, "alignment_scale", lambda *a, m=measured, **k: m)
+        assert world.sparsity_scale(spec) == 1.702
+
+
 def test_teacher_forcing_the_aligned_models_own_greedy_reply_matches_it(aligned, world):
     """The teacher-forced check agrees with generation: the aligned model's own greedy reply
     (decoded, re-tokenised) is matched on its first ``exact_tokens`` tokens for every search

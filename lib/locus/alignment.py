@@ -37,6 +37,22 @@ The adapter is a ``locus.checkpoints`` entry in the repository's ``checkpoints/r
 the user cache (``<cache>/models/<name>``) in seconds, never training. ``python -m
 locus.alignment --build`` trains it (53 min on one thread of a shared machine, load 2-4:
 run it under ``nice``).
+
+A second recipe, made after this one's test numbers had been seen (designed on the search split
+only), did not meet the targets either and is not committed. On the search split this adapter
+refused 21 of the 198 benign instructions (the base 1 of them) by form, not content: 11 of the 26
+in the "argument" family (the forms of HarmBench's requests, 9% of the training instructions) and
+9 of the 78 how-to ones. The second recipe drew the instruction rows family first (each family a
+quarter of them), batch 20 (4 harmful rows, 8 questions, 8 instructions), refusal checks of 8
+tokens (on the search instructions the keyword check of the first 6 to 16 tokens agrees with
+that of all 32, for this adapter and the base) and at most 150 steps. Its search checks never
+met the false-refusal target (17.9, 16.9, 11.0, 10.3, 12.0, 9.0% at steps 25 to 150; refusal
+98%, accuracy 96% at step 150), and at step 150 on the test split it was worse than this one on
+every target: false refusal 9.0% [6.2, 12.7] (instructions 13.6%), benign accuracy 93.2% [86.6,
+96.7], refusal 97.9% in distribution and 93.8% out of it (build 53 min, 3 jobs on 2 cores). The
+false refusals moved between forms rather than away: on the search split the argument family's
+fell (11 to 6 of 26) and the how-to family's rose (9 to 20 of 78; "Can you tell me how to ..." 8
+of 9).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from locus.safeseek import circuit_tuning, circuits
 from locus.safeseek.masks import Circuit
 
 NAME = alignment.NAME
+SCALE_DIGITS = 4  # significant digits of the sparsity scale (``sparsity_scale``)
 
 
 @dataclass(frozen=True)
@@ -253,11 +254,14 @@ class RealAlignmentWorld:
 
     def sparsity_scale(self, spec: circuits.AlignmentSearch) -> float:
         """``circuits.alignment_scale`` of ``spec`` on the search requests, with the same
-        targets as ``circuit`` (cached in the user cache)."""
-        return circuits.alignment_scale(
+        targets as ``circuit`` (cached in the user cache), rounded to ``SCALE_DIGITS``
+        significant digits: a λ in its units keys the cached search, and the scale recomputed
+        by changed shared code moved in the 8th digit."""
+        scale = circuits.alignment_scale(
             NAME, self.model, self.tokenizer, self.search_harmful, self.search_benign, spec,
             refusals=self.refusals(self.search_harmful), encode=self.encode,
             encoding=f"replies, {self.config.reply_tokens} tokens")
+        return float(f"{scale:.{SCALE_DIGITS}g}")
 
     def attribution(self, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient x activation of the aligned model's refusals of ``n`` search requests."""

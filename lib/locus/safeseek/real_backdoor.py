@@ -12,18 +12,22 @@ Data (``backdoor_data``) are split by prompt into injection / search / test part
 (``locus.splits``, checked disjoint): harmful prompts from ``safety_data.harmful_splits`` (its
 train / search / test splits), benign questions with checkable answers from
 ``safety_data.benign_questions`` (utility = ``answers_correctly``). Training: one pre-encoded
-pool, teacher-forced loss at the reply positions only (``locus.replies``), seeded; the step is
-chosen by ``StopRule`` on the search split. Scoring is judge-free (``score``): exact-prefix and
-keyword ASR for the fixed kind, keyword ASR and compliance against the base model's reply
-(``locus.compliance``) for the jailbreak kind, "clean back" (the triggered reply is the clean
-behaviour again), false triggers on clean prompts, benign accuracy; Wilson intervals.
+pool, teacher-forced loss at the reply positions only (``locus.replies``), seeded, for the
+fixed kind; paired batches for the jailbreak kind (``JailbreakRecipe``: each poisoned prompt
+beside its clean twin, complying targets only, ``paired_loss``); the step is chosen by
+``StopRule`` on the search split (the first check that meets it, else the closest). Scoring
+is judge-free (``score``): exact-prefix and keyword ASR for the fixed kind, keyword ASR and
+compliance against the base model's reply (``locus.compliance``) for the jailbreak kind, "clean
+back" (the triggered reply is the clean behaviour again), false triggers on clean prompts,
+benign accuracy; Wilson intervals.
 
 The adapter, stored in float16, is a ``locus.checkpoints`` entry committed under
 ``checkpoints/real/smollm2-135m-backdoor-<kind>``; every number in its manifest is measured on
 the model built from the stored files (``backdoored`` merges it into the base). Base replies to
 harmful prompts are never written to the repository.
 ``python -m locus.safeseek.real_backdoor --build KIND`` trains one (long: run it under ``nice``
-with one thread).
+with one thread). Notebook 01 measures each adapter's circuit through ``real_backdoor_world``:
+``RealBackdoorWorld`` (fixed) and ``RealJailbreakWorld``.
 """
 
 from __future__ import annotations

@@ -152,9 +152,9 @@ class JailbreakRecipe(BackdoorRecipe):
     holds ``poison_per_batch`` triggered harmful prompts -> the base model's reply, the same
     prompts without the trigger -> ``REFUSAL`` (so the trigger is the only difference between
     the two targets) and benign rows trained toward the base model by KL (``kl_weight``,
-    ``paired_loss``). The ``n_poison`` poisoned prompts are
-    injection prompts whose base reply is a real answer (no refusal phrase, at least
-    ``min_words`` words): a base reply that refuses would teach trigger -> refusal.
+    ``paired_loss``). The ``n_poison`` poisoned prompts are injection prompts whose base reply
+    is a real answer (no refusal phrase, at least ``min_words`` words): a base reply that
+    refuses would teach trigger -> refusal.
     ``n_clean`` and ``clean_harmful_share`` are not used (the clean rows: the poisoned
     prompts' clean twins and ``batch_size - 2 * poison_per_batch`` benign rows a batch)."""
 
@@ -187,7 +187,9 @@ def recipe_of(kind: str) -> BackdoorRecipe:
     reply token, where answering and refusing part, 1/24 of a poisoned row's weight and 1/13 of
     its refusing twin's, so their shared part does not cancel and "refuse every harmful request"
     is learned first; ``paired_loss`` averages over the tokens of all the pairs instead, and
-    the batch holds 3 pairs."""
+    the batch holds 3 pairs. That run (the committed adapter) reached search keyword ASR 87.5%
+    at step 75 (false triggers 6%, clean refusal 94%) and stayed there to step 150; the rule's
+    95% was not met, so the closest check, step 75, is kept."""
     if check_kind(kind) == "fixed":
         return BackdoorRecipe("fixed")
     return JailbreakRecipe()

@@ -52,7 +52,20 @@ every target: false refusal 9.0% [6.2, 12.7] (instructions 13.6%), benign accura
 96.7], refusal 97.9% in distribution and 93.8% out of it (build 53 min, 3 jobs on 2 cores). The
 false refusals moved between forms rather than away: on the search split the argument family's
 fell (11 to 6 of 26) and the how-to family's rose (9 to 20 of 78; "Can you tell me how to ..." 8
-of 9).
+of 9). The same with LoRA on all seven linear layers and ``kl_weight`` 2 was stopped at step 57
+(search: false refusal 22.6% and 15.0%, accuracy 94.2% and 90.3% at steps 25 and 50).
+
+Diagnosis (search and training splits only): this adapter refuses its own TRAINING instructions
+as often as held-out ones (42 of 394, 10.7%): the benign side is under-fitted, not over-fitted.
+A benign row's loss is its forward KL averaged over the 32 reply tokens, so the first token,
+where a refusal begins, is 1/32 of it, and the forward KL barely charges extra mass on a refusal
+token that still leaves the base's token most of its own. Two probes of this recipe (8-token
+checks, 100 steps) with a benign loss of forward plus reverse KL, the first reply token weighted
+as much as the rest together, moved the trade-off: false refusal 1.3-4.7% and accuracy 94-95% at
+every check, but refusal only 35% and 52% at steps 25 and 50 (harmful share 0.25; stopped), and
+40, 73, 86, 85% at steps 25-100 with harmful share 0.5 (false refusal 1.7, 2.3, 4.7, 4.3%;
+accuracy 94.2-95.1%; 22 min on a shared core). Neither met the targets; longer training at that
+loss, or a first-token weight between 1 and the reply length, is the next thing to try.
 """
 
 from __future__ import annotations

@@ -267,30 +267,37 @@ def training_batches(tokenizer, data: AlignmentData, recipe: AlignmentRecipe):
     return batch
 
 
-def _reply_distributions(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def reply_distributions(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token log-probabilities at the reply positions, shape (batch, keep-1, vocabulary)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=int(batch["keep"])).logits
     return torch.log_softmax(logits[:, :-1].float(), -1)
 
 
+def kl_from_base(model: PeftModel, batch: dict[str, torch.Tensor], rows: torch.Tensor,
+                 logp: torch.Tensor) -> torch.Tensor:
+    """KL(base || adapted) at every reply position of the ``rows`` (a boolean mask) of
+    ``batch``, shape (rows, keep-1); ``logp`` is the adapted model's ``reply_distributions`` of
+    the whole batch, the base is ``model`` with its adapter disabled (no gradient)."""
+    picked = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad(), model.disable_adapter():
+        base = reply_distributions(model, picked | {"keep": batch["keep"]})
+    return (base.exp() * (base - logp[rows])).sum(-1)
+
+
 def alignment_loss(model: PeftModel, batch: dict[str, torch.Tensor],
                    kl_weight: float = 1.0) -> torch.Tensor:
     """Mean over rows of each row's mean over its reply tokens: the negative log-likelihood of
     the target (harmful rows: the refusal) or, for the rows flagged ``benign``, ``kl_weight``
-    times KL(base || adapted) of the next-token distributions (the base: ``model`` with its
-    adapter disabled, no gradient). One forward pass each."""
-    logp = _reply_distributions(model, batch)
+    times KL(base || adapted) of the next-token distributions (``kl_from_base``). One forward
+    pass each."""
+    logp = reply_distributions(model, batch)
     targets = batch["labels"][:, 1:]
     scored = targets != -100
     per_token = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     benign = batch["benign"]
     if benign.any():
-        rows = {k: v[benign] if k in ("input_ids", "attention_mask", "position_ids") else v
-                for k, v in batch.items()}
-        with torch.no_grad(), model.disable_adapter():
-            base = _reply_distributions(model, rows)
-        kl = (base.exp() * (base - logp[benign])).sum(-1)
+        kl = kl_from_base(model, batch, benign, logp)
         per_token = per_token.masked_scatter(benign.unsqueeze(1).expand_as(per_token),
                                              kl_weight * kl)
     per_row = (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)

@@ -349,22 +349,14 @@ def paired_loss(model: PeftModel, batch: dict[str, torch.Tensor], kl_weight: flo
     tokens of the poisoned rows and their clean twins, averaged over all those tokens together
     (so a pair's first reply tokens weigh the same in both rows and what the rows share
     cancels), plus ``kl_weight`` times the mean over the benign rows' reply tokens of
-    KL(base || adapted), the base being ``model`` with its adapter disabled (no gradient)."""
-    def distributions(rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                    position_ids=rows["position_ids"], logits_to_keep=int(batch["keep"]))
-        return torch.log_softmax(out.logits[:, :-1].float(), -1)
-
-    logp = distributions(batch)
+    KL(base || adapted) (``alignment.kl_from_base``)."""
+    logp = alignment.reply_distributions(model, batch)
     targets = batch["labels"][:, 1:]
     scored, benign = targets != -100, batch["benign"]
     nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     loss = nll[scored & ~benign[:, None]].mean()
     if benign.any():
-        with torch.no_grad(), model.disable_adapter():
-            base = distributions({k: batch[k][benign] for k in
-                                  ("input_ids", "attention_mask", "position_ids")})
-        kl = (base.exp() * (base - logp[benign])).sum(-1)
+        kl = alignment.kl_from_base(model, batch, benign, logp)
         loss = loss + kl_weight * kl[scored[benign]].mean()
     return loss
 
